@@ -1,0 +1,73 @@
+"""Named backbone variants and `create(name, weights=None, **overrides)`."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Callable
+
+from flax import nnx
+
+from dml_jax.backbones.pretrained import PretrainedCfg
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+  """One named variant: its family, builder, architecture kwargs and default preprocessing."""
+
+  name: str
+  family: str  # 'vit' | 'resnet' | 'bninception'; selects the converter and weight adapter
+  build: Callable[..., nnx.Module]  # build(*, rngs: nnx.Rngs, **arch) -> module
+  arch: dict[str, Any]
+  pretrained_cfg: PretrainedCfg
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register(name: str, family: str, build: Callable[..., nnx.Module], pretrained_cfg: PretrainedCfg,
+             **arch: Any) -> None:
+  if name in _REGISTRY:
+    raise ValueError(f"backbone {name!r} is registered twice")
+  _REGISTRY[name] = ModelEntry(name, family, build, dict(arch), pretrained_cfg)
+
+
+def _ensure_families_imported() -> None:
+  # Families register themselves on import; importing here keeps `registry` free of import cycles.
+  from dml_jax.backbones import bninception, resnet, vit  # noqa: F401
+
+
+def get_entry(name: str) -> ModelEntry:
+  _ensure_families_imported()
+  base = name.split(".", 1)[0]  # 'vit_base_patch16_224.augreg_in21k' -> architecture name
+  if base not in _REGISTRY:
+    close = difflib.get_close_matches(base, list(_REGISTRY), n=3)
+    raise KeyError(f"unknown backbone {name!r}; close matches: {close}; known: {sorted(_REGISTRY)}")
+  return _REGISTRY[base]
+
+
+def list_models() -> list[str]:
+  _ensure_families_imported()
+  return sorted(_REGISTRY)
+
+
+def create(name: str, weights: str | None = None, *, rngs: nnx.Rngs | None = None, **overrides: Any) -> nnx.Module:
+  """Builds backbone `name`; with `weights`, loads a directory written by convert_timm_weights.py.
+
+  Overrides change the architecture (e.g. `img_size=32, depth=2` for tests). With weights, the
+  directory's model name must match `name`'s architecture, and every parameter must match in name and
+  shape (after the family's adaptations, e.g. ViT position embeddings resampled to a new image size);
+  otherwise loading stops with the list of missing, unexpected and mis-shaped keys.
+
+  The module's `pretrained_cfg` attribute holds the preprocessing of the loaded weights (or the
+  variant's default without weights).
+  """
+  entry = get_entry(name)
+  arch = {**entry.arch, **overrides}
+  model = entry.build(rngs=rngs or nnx.Rngs(0), **arch)
+  cfg = entry.pretrained_cfg
+  if weights is not None:
+    from dml_jax.convert.weights_dir import load_weights_into  # local: convert imports backbones
+    cfg = load_weights_into(model, weights, expected_model=entry.name, family=entry.family)
+  model.pretrained_cfg = cfg
+  return model

@@ -1,0 +1,108 @@
+"""The converted-weights directory: `params.npz` (flat NNX paths) + `model.json` (name, family, cfg).
+
+Reading it needs numpy only, never torch. Writing is atomic: a half-written directory is never left
+under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Callable, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dml_jax.backbones.pretrained import PretrainedCfg
+from dml_jax.convert.errors import WeightsMismatchError
+
+FORMAT_VERSION = 1
+PARAMS_FILE = "params.npz"
+META_FILE = "model.json"
+LOADED = (nnx.Param, nnx.BatchStat)  # what a weights directory holds: parameters and BN statistics
+
+# family -> fn(flat_file, flat_model_shapes) -> flat_file; adapts weights to a differently configured
+# model of the same family before the strict check (e.g. ViT position embeddings for a new image size).
+_LOAD_ADAPTERS: dict[str, Callable[[dict[str, np.ndarray], dict[str, tuple[int, ...]]], dict[str, np.ndarray]]] = {}
+
+
+def register_load_adapter(family: str, fn) -> None:
+  _LOAD_ADAPTERS[family] = fn
+
+
+def path_key(path: tuple) -> str:
+  return "/".join(str(p) for p in path)
+
+
+def model_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
+  """{'blocks/0/attn/qkv/kernel': shape, ...} for every parameter and BN statistic of `model`."""
+  flat = nnx.to_flat_state(nnx.state(model, LOADED))
+  return {path_key(k): tuple(v.shape) for k, v in flat}
+
+
+def strict_update(model: nnx.Module, flat: Mapping[str, np.ndarray], source: str, note: str = "") -> None:
+  """Writes `flat` into `model`; any missing, unexpected or mis-shaped key stops with the full list."""
+  state = nnx.to_flat_state(nnx.state(model, LOADED))
+  expected = {path_key(k): v for k, v in state}
+  missing = sorted(set(expected) - set(flat))
+  unexpected = sorted(set(flat) - set(expected))
+  misshaped = sorted((k, tuple(np.shape(flat[k])), tuple(expected[k].shape))
+                     for k in set(expected) & set(flat) if tuple(np.shape(flat[k])) != tuple(expected[k].shape))
+  if missing or unexpected or misshaped:
+    raise WeightsMismatchError(source, missing=missing, unexpected=unexpected, misshaped=misshaped, note=note)
+  for path, var in state:
+    var.value = jnp.asarray(flat[path_key(path)], dtype=var.value.dtype)
+  nnx.update(model, nnx.from_flat_state(state))
+
+
+def write_weights_dir(out: str | os.PathLike, *, model_name: str, family: str, arch: Mapping[str, Any],
+                      flat: Mapping[str, np.ndarray], pretrained_cfg: PretrainedCfg, source: str,
+                      dropped_keys: list[str]) -> pathlib.Path:
+  out = pathlib.Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+  try:
+    np.savez(tmp / PARAMS_FILE, **{k: np.asarray(v) for k, v in flat.items()})
+    meta = dict(format_version=FORMAT_VERSION, model=model_name, family=family, arch=dict(arch),
+                pretrained_cfg=pretrained_cfg.to_json(), source=source, dropped_keys=list(dropped_keys),
+                num_params=int(sum(np.size(v) for v in flat.values())))
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    if out.exists():
+      shutil.rmtree(out)
+    os.replace(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return out
+
+
+def read_weights_dir(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  path = pathlib.Path(path)
+  meta_path, params_path = path / META_FILE, path / PARAMS_FILE
+  for p in (meta_path, params_path):
+    if not p.is_file():
+      raise FileNotFoundError(f"{p} not found: a weights directory written by convert_timm_weights.py holds "
+                              f"{META_FILE} and {PARAMS_FILE}")
+  meta = json.loads(meta_path.read_text())
+  if meta.get("format_version") != FORMAT_VERSION:
+    raise ValueError(f"{meta_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+  with np.load(params_path, allow_pickle=False) as z:
+    flat = {k: z[k] for k in z.files}
+  return meta, flat
+
+
+def load_weights_into(model: nnx.Module, path: str | os.PathLike, *, expected_model: str, family: str) -> PretrainedCfg:
+  """Strictly loads a weights directory into `model`; returns the weights' preprocessing cfg."""
+  meta, flat = read_weights_dir(path)
+  if meta["family"] != family or meta["model"] != expected_model:
+    raise WeightsMismatchError(str(path), note=f"the directory holds {meta['model']!r} ({meta['family']}), "
+                                               f"the model is {expected_model!r} ({family})")
+  adapter = _LOAD_ADAPTERS.get(family)
+  if adapter is not None:
+    flat = adapter(flat, model_shapes(model))
+  strict_update(model, flat, source=str(path))
+  return PretrainedCfg.from_json(meta["pretrained_cfg"])
