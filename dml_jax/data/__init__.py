@@ -1,0 +1,74 @@
+"""Datasets, transforms, samplers and grain loaders for deep metric learning.
+
+  splits = load_dataset('cub200', '/data')                  # raw folders, or prepared shards if present
+  loader = make_train_loader(splits.train, batch_size=112, pretrained_cfg=model.pretrained_cfg)
+  for batch in loader.epoch(0): ...                         # {'image': f32 [B,224,224,3], 'label': i32 [B]}
+  for batch in make_eval_loader(splits.eval, batch_size=128, pretrained_cfg=cfg): ...
+
+Datasets: cub200, cars196, sop, inshop, inaturalist, vehicleid (standard DML class splits) and the
+embedded `digits` demo. Command line: `python -m dml_jax.data {verify,prepare} --dataset NAME ...`.
+"""
+
+from __future__ import annotations
+
+from dml_jax.data import digits as _digits
+from dml_jax.data.digits import ensure_digits_tree
+from dml_jax.data.errors import CorruptImageError, DatasetLayoutError, MissingFilesError
+from dml_jax.data.loaders import (EvalLoader, TrainEpochIterator, TrainLoader, make_eval_loader, make_sampler,
+                                  make_train_loader)
+from dml_jax.data.prepare import find_prepared, prepare, read_prepared
+from dml_jax.data.readers import DATASETS, read_raw
+from dml_jax.data.records import DatasetSplits, Records
+from dml_jax.data.samplers import BatchSampler, GroupedSampler, MPerClassSampler, RandomSampler
+
+SOURCES = ("auto", "raw", "prepared", "tfds")
+
+
+def load_dataset(name: str, data_root: str | None = None, *, source: str = "auto", tfds_data_dir: str | None = None,
+                 skip_corrupt: bool = False, vehicleid_test_size: str = "small", num_threads: int = 8
+                 ) -> DatasetSplits:
+  """The DML splits of dataset `name`.
+
+  Args:
+    name: one of DATASETS.
+    data_root: folder holding the dataset folder (e.g. `<root>/cub200/images/...`) or the dataset folder
+      itself; for 'prepared', the `--out` folder of `prepare`. For 'digits', None means
+      ~/.cache/dml_jax (the tree is written there on first use).
+    source: 'raw' folders, 'prepared' ArrayRecord shards, 'tfds' (an array_record tfds dataset in
+      tfds_data_dir), or 'auto': prepared shards when data_root holds them, else raw folders.
+    skip_corrupt: drop (and log) missing or undecodable images instead of stopping.
+    vehicleid_test_size: 'small' | 'medium' | 'large' test list of VehicleID as `.eval`.
+  """
+  if name not in DATASETS:
+    raise KeyError(f"unknown dataset {name!r}; known: {list(DATASETS)}")
+  if source not in SOURCES:
+    raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+  if name == "vehicleid" and vehicleid_test_size not in ("small", "medium", "large"):
+    raise ValueError(f"vehicleid_test_size must be 'small', 'medium' or 'large', got {vehicleid_test_size!r}")
+  if source == "tfds":
+    from dml_jax.data.tfds_source import read_tfds
+
+    return read_tfds(name, tfds_data_dir, data_root=data_root, skip_corrupt=skip_corrupt, num_threads=num_threads)
+  if source in ("auto", "prepared"):
+    folder = find_prepared(data_root, name)
+    if folder is not None:
+      return read_prepared(folder, name, vehicleid_test_size=vehicleid_test_size)
+    if source == "prepared":
+      from dml_jax.data.prepare import MANIFEST
+
+      raise DatasetLayoutError(name, f"no prepared shards of {name!r} under {data_root}",
+                               expected=[f"<data_root>/{name}/{MANIFEST} (written by `python -m dml_jax.data "
+                                         "prepare`)"])
+  if name == "digits":
+    data_root = _digits.default_root() if data_root is None else data_root
+    ensure_digits_tree(data_root)
+  return read_raw(name, data_root, skip_corrupt=skip_corrupt, vehicleid_test_size=vehicleid_test_size,
+                  num_threads=num_threads)
+
+
+__all__ = [
+    "DATASETS", "SOURCES", "BatchSampler", "CorruptImageError", "DatasetLayoutError", "DatasetSplits", "EvalLoader",
+    "GroupedSampler", "MPerClassSampler", "MissingFilesError", "RandomSampler", "Records", "TrainEpochIterator",
+    "TrainLoader", "ensure_digits_tree", "load_dataset", "make_eval_loader", "make_sampler", "make_train_loader",
+    "prepare", "read_prepared", "read_raw",
+]

@@ -1,0 +1,44 @@
+"""Raw-folder readers, one module per dataset, found by name.
+
+Each module defines NAME, DIR_NAMES (folder names tried under a data root), LAYOUTS (human-readable,
+for errors), PUBLISHED (split -> Published counts), `detect(folder) -> layout | None` and
+`read(folder, layout, *, skip_missing, ...) -> DatasetSplits`.
+"""
+
+from __future__ import annotations
+
+import types
+
+from dml_jax.data.readers import cars, common, cub, digits, inaturalist, inshop, sop, vehicleid
+from dml_jax.data.records import DatasetSplits
+
+READERS: dict[str, types.ModuleType] = {m.NAME: m for m in (cub, cars, sop, inshop, inaturalist, vehicleid, digits)}
+DATASETS = tuple(READERS)
+
+
+def get_reader(name: str) -> types.ModuleType:
+  if name not in READERS:
+    raise KeyError(f"unknown dataset {name!r}; known: {list(DATASETS)}")
+  return READERS[name]
+
+
+def read_raw(name: str, data_root: str, *, skip_corrupt: bool = False, vehicleid_test_size: str = "small",
+             num_threads: int = 8) -> DatasetSplits:
+  """Reads dataset `name` from raw folders under `data_root` (see each reader's LAYOUTS).
+
+  With skip_corrupt, listed-but-missing files and images that do not decode are dropped and counted
+  in the log; otherwise the first missing file stops the load (undecodable images stop when read).
+  """
+  reader = get_reader(name)
+  folder, layout = common.locate(name, data_root, reader.DIR_NAMES, reader.detect, reader.LAYOUTS)
+  kwargs = {"test_size": vehicleid_test_size} if name == "vehicleid" else {}
+  splits = reader.read(folder, layout, skip_missing=skip_corrupt, **kwargs)
+  common.log.info("dataset %r: layout %r in %s: train %s, eval %s", name, layout, folder, splits.train,
+                  splits.eval)
+  if skip_corrupt:
+    chosen_eval = splits.eval
+    splits.train = common.drop_corrupt(name, splits.train, "train", num_threads=num_threads)
+    splits.eval = common.drop_corrupt(name, splits.eval, "eval", num_threads=num_threads)
+    splits.extra = {k: (splits.eval if v is chosen_eval else common.drop_corrupt(name, v, k))
+                    for k, v in splits.extra.items()}
+  return splits

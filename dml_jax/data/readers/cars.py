@@ -1,0 +1,106 @@
+"""Cars196: classes 1-98 train, 99-196 test, from class folders or from cars_annos.mat."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from dml_jax.data.errors import DatasetLayoutError
+from dml_jax.data.readers import common
+from dml_jax.data.records import DatasetSplits, FileStore, Records
+
+NAME = "cars196"
+DIR_NAMES = ("cars196", "CARS196", "Cars196", "cars", "stanford_cars", "StanfordCars")
+LAYOUTS = (
+    "cars196/images/<Make Model Year>/<image>.jpg   (VPTSP / DADA, Confusezius tarball; classes in Python "
+    "string order)",
+    "cars196/car_ims/<NNNNNN>.jpg + cars196/cars_annos.mat   (official all-images tar; Proxy-Anchor, DFML, D&C)",
+)
+NUM_CLASSES = 196
+PUBLISHED = {
+    "train": common.Published(8054, 98),
+    "eval": common.Published(8131, 98),
+}
+_FOLDERS = "images/<class>/<image>"
+_ANNOS = "car_ims + cars_annos.mat"
+
+
+def detect(folder: str) -> str | None:
+  if os.path.isfile(os.path.join(folder, "cars_annos.mat")) and os.path.isdir(os.path.join(folder, "car_ims")):
+    return _ANNOS
+  images = os.path.join(folder, "images")
+  if os.path.isdir(images) and any(e.is_dir() for e in os.scandir(images)):
+    return _FOLDERS
+  return None
+
+
+def read(folder: str, layout: str, *, skip_missing: bool = False) -> DatasetSplits:
+  if layout == _FOLDERS:
+    return _read_folders(folder, layout)
+  return _read_annos(folder, layout, skip_missing=skip_missing)
+
+
+def _read_folders(folder: str, layout: str) -> DatasetSplits:
+  # Confusezius sorts the class folder names as Python strings; the first 98 of that order are exactly
+  # the official class ids 1-98 (specs/vptsp_dada.md §3.2).
+  images = os.path.join(folder, "images")
+  files, names = common.folder_per_class(NAME, images, num_train_classes=None, sort="string")
+  if len(names) != NUM_CLASSES:
+    common.log.warning("dataset %r: %s has %d class folders, the published dataset %d; splitting the first "
+                       "half for training", NAME, images, len(names), NUM_CLASSES)
+  if len(names) < 2:
+    raise DatasetLayoutError(NAME, f"{images} needs at least 2 class folders, found {len(names)}")
+  (tr_paths, tr_labels, tr_names), (te_paths, te_labels, te_names) = common.split_folder_classes(
+      files, names, len(names) // 2)
+  return DatasetSplits(
+      NAME, Records(FileStore(tr_paths), labels=tr_labels, roles="train", paths=tr_paths, class_names=tr_names),
+      Records(FileStore(te_paths), labels=te_labels, roles="test", paths=te_paths, class_names=te_names),
+      layout=layout, root=folder)
+
+
+def read_annotations(mat_path: str) -> tuple[list[str], np.ndarray]:
+  """cars_annos.mat -> (relative image paths, 1-based class ids), in file order."""
+  import scipy.io  # only this layout needs scipy
+
+  try:
+    mat = scipy.io.loadmat(mat_path)
+    annos = mat["annotations"].reshape(-1)
+    names = annos.dtype.names
+    path_field = "relative_im_path" if "relative_im_path" in names else names[0]
+    class_field = "class" if "class" in names else names[5]  # Proxy-Anchor reads field 6
+    paths = [str(np.asarray(a[path_field]).reshape(-1)[0]) for a in annos]
+    classes = np.asarray([int(np.asarray(a[class_field]).reshape(-1)[0]) for a in annos], np.int64)
+  except Exception as e:
+    raise DatasetLayoutError(NAME, f"cannot read annotations from {mat_path}: {e!r}; expected a struct array "
+                             "'annotations' with fields relative_im_path and class (1-based)") from e
+  return paths, classes
+
+
+def _read_annos(folder: str, layout: str, *, skip_missing: bool) -> DatasetSplits:
+  mat_path = os.path.join(folder, "cars_annos.mat")
+  rel_paths, classes = read_annotations(mat_path)
+  num_classes = int(classes.max())
+  if classes.min() < 1:
+    raise DatasetLayoutError(NAME, f"{mat_path}: class ids must be 1-based, found {classes.min()}")
+  if num_classes != NUM_CLASSES:
+    common.log.warning("dataset %r: %s has %d classes, the published dataset %d", NAME, mat_path, num_classes,
+                       NUM_CLASSES)
+  paths = [os.path.join(folder, p) for p in rel_paths]
+  keep = common.existing_mask(NAME, paths, mat_path, skip_missing=skip_missing)
+  num_train = num_classes // 2
+  splits = []
+  for role, in_split in (("train", classes <= num_train), ("test", classes > num_train)):
+    rows = np.flatnonzero(in_split & keep)
+    part_paths = [paths[i] for i in rows]
+    # Labels within a split are the class id minus the split's first id, as Proxy-Anchor's 0..97 / 98..195
+    # after re-indexing; the class name keeps the 1-based official id.
+    labels, kept = _contiguous(classes[rows])
+    splits.append(Records(FileStore(part_paths), labels=labels, roles=role, paths=part_paths,
+                          class_names=[str(c) for c in kept]))
+  return DatasetSplits(NAME, splits[0], splits[1], layout=layout, root=folder)
+
+
+def _contiguous(class_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  kept, labels = np.unique(class_ids, return_inverse=True)
+  return labels.astype(np.int64), kept

@@ -1,0 +1,254 @@
+"""Tiny synthetic dataset trees in every supported layout, for tests, demos and benchmarks.
+
+Each writer creates the folders and split files a real download would have, with small generated
+images, and returns what a reader must find: {split: (num_images, num_classes)} (In-Shop adds 'query'
+and 'gallery'; VehicleID has 'train' and 'test_<size>').
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+Counts = dict[str, tuple[int, int]]
+
+
+def image_bytes(seed: int, size: tuple[int, int] = (12, 10), fmt: str = "JPEG", mode: str = "RGB") -> bytes:
+  """A deterministic smooth-ish image (w, h) = size, encoded as `fmt`, in PIL mode `mode`."""
+  rng = np.random.default_rng(seed)
+  w, h = size
+  yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+  base = rng.uniform(0, 255, 3)
+  grad = rng.uniform(-4, 4, (2, 3))
+  pixels = base + xx[..., None] * grad[0] + yy[..., None] * grad[1] + rng.normal(0, 8, (h, w, 3))
+  img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+  if mode != "RGB":
+    img = img.convert(mode)
+  buf = io.BytesIO()
+  img.save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+  return buf.getvalue()
+
+
+def _write(path: str, seed: int, size: tuple[int, int], fmt: str = "JPEG", mode: str = "RGB") -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "wb") as f:
+    f.write(image_bytes(seed, size, fmt, mode))
+
+
+def _per_class(c: int) -> int:
+  return 1 + c % 3  # 1, 2, 3, 1, 2, 3 ...: uneven classes catch off-by-one splits
+
+
+def class_folders(root: str, dirname: str, class_names: list[str], *, images_per_class: Callable[[int], int] =
+                  _per_class, size: tuple[int, int] = (12, 10), ext: str = ".jpg") -> Counts:
+  """<root>/<dirname>/images/<class>/<i>.jpg; the first half of `class_names` (reader order) trains."""
+  counts = [images_per_class(c) for c in range(len(class_names))]
+  for c, name in enumerate(class_names):
+    for i in range(counts[c]):
+      fmt = "PNG" if ext == ".png" else "JPEG"
+      _write(os.path.join(root, dirname, "images", name, f"img_{c:03d}_{i}{ext}"), c * 100 + i, size, fmt)
+  half = len(class_names) // 2
+  return {"train": (sum(counts[:half]), half), "eval": (sum(counts[half:]), len(class_names) - half)}
+
+
+def cub_folders(root: str, dirname: str = "cub200", num_classes: int = 200, **kw) -> Counts:
+  """CUB class folders 'NNN.Bird_Name' (1-based, zero padded)."""
+  return class_folders(root, dirname, [f"{c + 1:03d}.Bird_{c + 1}" for c in range(num_classes)], **kw)
+
+
+def cars_class_names(num_classes: int = 196) -> list[str]:
+  """Class names whose Python string order is the class order (as the real make/model names are)."""
+  return [f"Make{c // 10:02d} Model {chr(65 + c % 10)} {2000 + c % 13}" for c in range(num_classes)]
+
+
+def cars_folders(root: str, dirname: str = "cars196", num_classes: int = 196, **kw) -> Counts:
+  return class_folders(root, dirname, cars_class_names(num_classes), **kw)
+
+
+def cars_annos(root: str, dirname: str = "cars196", num_classes: int = 196, size: tuple[int, int] = (12, 10)
+               ) -> Counts:
+  """car_ims/NNNNNN.jpg + cars_annos.mat (struct array 'annotations' as the official file)."""
+  import scipy.io
+
+  folder = os.path.join(root, dirname)
+  classes = [c for c in range(1, num_classes + 1) for _ in range(_per_class(c))]
+  order = np.random.default_rng(0).permutation(len(classes))  # the file interleaves classes
+  classes = [classes[i] for i in order]
+  dtype = [("relative_im_path", "O"), ("bbox_x1", "O"), ("bbox_y1", "O"), ("bbox_x2", "O"), ("bbox_y2", "O"),
+           ("class", "O"), ("test", "O")]
+  annos = np.zeros((1, len(classes)), dtype=dtype)
+  for i, c in enumerate(classes):
+    rel = f"car_ims/{i + 1:06d}.jpg"
+    _write(os.path.join(folder, rel), i, size)
+    annos[0, i] = (rel, np.array([[1]], np.uint8), np.array([[1]], np.uint8), np.array([[5]], np.uint8),
+                   np.array([[5]], np.uint8), np.array([[c]], np.uint8), np.array([[i % 2]], np.uint8))
+  scipy.io.savemat(os.path.join(folder, "cars_annos.mat"),
+                   {"annotations": annos, "class_names": np.array([[f"class {c}" for c in range(num_classes)]],
+                                                                   dtype=object)})
+  half = num_classes // 2
+  return {"train": (sum(c <= half for c in classes), half), "eval": (sum(c > half for c in classes), half)}
+
+
+def sop(root: str, dirname: str = "sop", *, info_files: bool = True, num_train_classes: int = 7,
+        num_test_classes: int = 6, size: tuple[int, int] = (12, 10)) -> Counts:
+  """Ebay_{train,test}.txt (in Info_Files/ with images/ beside it, or flat as the official zip)."""
+  folder = os.path.join(root, dirname)
+  list_dir = os.path.join(folder, "Info_Files") if info_files else folder
+  image_dir = os.path.join(folder, "images") if info_files else folder
+  os.makedirs(list_dir, exist_ok=True)
+  supers = ["bicycle", "cabinet", "chair"]
+  image_id, counts = 1, {}
+  for split, classes in (("train", range(1, num_train_classes + 1)),
+                         ("test", range(num_train_classes + 1, num_train_classes + num_test_classes + 1))):
+    lines = ["image_id class_id super_class_id path"]
+    n = 0
+    for class_id in classes:
+      s = class_id % 3
+      for k in range(_per_class(class_id) + 1):
+        rel = f"{supers[s]}_final/{100000 + class_id}_{k}.JPG"
+        _write(os.path.join(image_dir, rel), image_id, size)
+        lines.append(f"{image_id} {class_id} {s + 1} {rel}")
+        image_id += 1
+        n += 1
+    with open(os.path.join(list_dir, f"Ebay_{split}.txt"), "w") as f:
+      f.write("\n".join(lines) + "\n")
+    counts["train" if split == "train" else "eval"] = (n, len(classes))
+  return counts
+
+
+def inshop(root: str, dirname: str = "inshop", *, official: bool = False, num_train_items: int = 5,
+           num_eval_items: int = 4, size: tuple[int, int] = (12, 10)) -> Counts:
+  """list_eval_partition.txt + img/ (VPTSP), or Eval/ + Img/img/ (official archive)."""
+  folder = os.path.join(root, dirname)
+  list_path = os.path.join(folder, "Eval", "list_eval_partition.txt") if official else os.path.join(
+      folder, "list_eval_partition.txt")
+  image_base = os.path.join(folder, "Img") if official else folder
+  rows = []
+  # Train and eval items interleave in id order, with sparse ids: the reader must re-index each split.
+  ids = [3 * k + 1 for k in range(2 * max(num_train_items, num_eval_items))]
+  train_items, eval_items = ids[0::2][:num_train_items], ids[1::2][:num_eval_items]
+  for k, item in enumerate(sorted(train_items + eval_items)):
+    for v in range(2 + k % 2):
+      name = f"img/WOMEN/Dresses/id_{item:08d}/{v:02d}_1_front.jpg"
+      status = "train" if item in train_items else ("query" if v == 0 else "gallery")
+      rows.append((name, f"id_{item:08d}", status))
+  for i, (name, _, _) in enumerate(rows):
+    _write(os.path.join(image_base, name), i, size)
+  os.makedirs(os.path.dirname(list_path), exist_ok=True)
+  with open(list_path, "w") as f:
+    f.write(f"{len(rows)}\nimage_name item_id evaluation_status\n")
+    f.writelines(f"{n}   {i}   {s}\n" for n, i, s in rows)
+  count = lambda st: sum(r[2] in st for r in rows)
+  classes = lambda st: len({r[1] for r in rows if r[2] in st})
+  return {"train": (count(("train",)), classes(("train",))), "query": (count(("query",)), classes(("query",))),
+          "gallery": (count(("gallery",)), classes(("gallery",))),
+          "eval": (count(("query", "gallery")), classes(("query", "gallery")))}
+
+
+def inaturalist(root: str, dirname: str = "inaturalist", *, lists_subdir: str = "", num_train_classes: int = 6,
+                num_test_classes: int = 4, size: tuple[int, int] = (12, 10)) -> Counts:
+  """Inaturalist_{train,test}_set1.txt listing train_val2018/<Kingdom>/<id>/<hash>.jpg."""
+  folder = os.path.join(root, dirname)
+  kingdoms = ["Plantae", "Animalia", "Fungi"]
+  counts = {}
+  image = 0
+  for split, classes in (("train", range(num_train_classes)),
+                         ("test", range(num_train_classes, num_train_classes + num_test_classes))):
+    lines = []
+    for c in classes:
+      for k in range(_per_class(c)):
+        rel = f"train_val2018/{kingdoms[c % 3]}/{1000 + c}/{image:032x}.jpg"
+        _write(os.path.join(folder, rel), image, size)
+        lines.append(rel)
+        image += 1
+    # Interleaved classes: labels follow the order of first appearance.
+    lines = lines[1::2] + lines[0::2]
+    os.makedirs(os.path.join(folder, lists_subdir), exist_ok=True)
+    with open(os.path.join(folder, lists_subdir, f"Inaturalist_{split}_set1.txt"), "w") as f:
+      f.write("\n".join(lines) + "\n")
+    counts["train" if split == "train" else "eval"] = (len(lines), len(classes))
+  return counts
+
+
+def vehicleid(root: str, dirname: str = "VehicleID_V1.0", *, num_train_ids: int = 6,
+              test_ids: dict[str, int] | None = None, size: tuple[int, int] = (12, 10)) -> Counts:
+  """train_test_split/{train_list,test_list_800,...}.txt + image/<id>.jpg; test lists nested."""
+  test_ids = test_ids or {"small": 2, "medium": 3, "large": 4}
+  folder = os.path.join(root, dirname)
+  os.makedirs(os.path.join(folder, "train_test_split"), exist_ok=True)
+  image = 0
+
+  def write_list(name, vehicle_ids):
+    nonlocal image
+    lines = []
+    for v in vehicle_ids:
+      for _ in range(_per_class(v) + 1):
+        image_id = f"{image:07d}"
+        _write(os.path.join(folder, "image", f"{image_id}.jpg"), image, size)
+        lines.append(f"{image_id} {v}")
+        image += 1
+    with open(os.path.join(folder, "train_test_split", name), "w") as f:
+      f.write("\n".join(lines) + "\n")
+    return len(lines), len(vehicle_ids)
+
+  counts = {"train": write_list("train_list.txt", [3 * v for v in range(num_train_ids)])}
+  files = {"small": "test_list_800.txt", "medium": "test_list_1600.txt", "large": "test_list_2400.txt"}
+  for size_name, n in test_ids.items():
+    counts[f"test_{size_name}"] = write_list(files[size_name], [1000 + 7 * v for v in range(n)])
+  return counts
+
+
+def tfds_dataset(data_dir: str, builder_name: str, splits: dict[str, list[dict]], *, size: tuple[int, int] = (12, 10)
+                 ) -> str:
+  """Writes a tiny array_record tfds dataset that `tfds.data_source` reads, without TensorFlow.
+
+  `splits` maps a split name to its examples: dicts of feature overrides (e.g. {'label': 3, 'id': 'a1'});
+  other features get defaults (generated JPEG/PNG bytes for images, 0 for class labels, '' for text).
+  Uses the installed builder's own feature spec and tfds' own serializer; images are pre-encoded, which
+  is what lets tfds skip TensorFlow. Returns the builder's data folder.
+  """
+  import tensorflow_datasets as tfds
+  from array_record.python.array_record_module import ArrayRecordWriter
+  from tensorflow_datasets.core import example_serializer, naming
+  from tensorflow_datasets.core import splits as splits_lib
+
+  builder = tfds.builder(builder_name, data_dir=data_dir, file_format="array_record")
+  features = builder.info.features
+  serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
+  os.makedirs(builder.data_dir, exist_ok=True)
+  split_infos = []
+  seed = 0
+  for split, examples in splits.items():
+    template = naming.ShardedFileTemplate(data_dir=builder.data_dir, dataset_name=builder.name, split=split,
+                                          filetype_suffix="array_record")
+    writer = ArrayRecordWriter(os.fspath(template.sharded_filepath(shard_index=0, num_shards=1)), "group_size:1")
+    num_bytes = 0
+    for overrides in examples:
+      example = {}
+      for key, feature in features.items():
+        if key in overrides:
+          example[key] = overrides[key]
+        elif isinstance(feature, tfds.features.Image):
+          channels = feature.shape[-1]
+          example[key] = image_bytes(seed, size, "JPEG" if channels == 3 else "PNG", "RGB" if channels == 3 else "L")
+        elif isinstance(feature, tfds.features.ClassLabel):
+          example[key] = 0
+        elif isinstance(feature, tfds.features.BBoxFeature):
+          example[key] = tfds.features.BBox(0.1, 0.1, 0.9, 0.9)
+        else:
+          example[key] = ""
+      seed += 1
+      serialized = serializer.serialize_example(features.encode_example(example))
+      num_bytes += len(serialized)
+      writer.write(serialized)
+    writer.close()
+    split_infos.append(splits_lib.SplitInfo(name=split, shard_lengths=[len(examples)], num_bytes=num_bytes,
+                                            filename_template=template))
+  builder.info.set_splits(splits_lib.SplitDict(split_infos))
+  builder.info.set_file_format("array_record")
+  builder.info.write_to_directory(builder.data_dir)
+  return str(builder.data_dir)

@@ -1,0 +1,128 @@
+"""Transforms against torchvision: RandomResizedCrop sampling, Resize + CenterCrop pixels, normalisation."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import functional as TF
+
+from dml_jax.backbones.pretrained import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
+from dml_jax.data import decode, synthetic, transforms
+
+
+def _pil(size, fmt="JPEG", mode="RGB", seed=0):
+  return Image.open(io.BytesIO(synthetic.image_bytes(seed, size, fmt, mode)))
+
+
+def _box_stats(boxes, width, height):
+  boxes = np.asarray(boxes, np.float64)
+  top, left, h, w = boxes.T
+  return np.array([np.mean(h * w / (width * height)), np.mean(np.log(w / h)), np.mean(top / height),
+                   np.mean(left / width), np.std(h * w / (width * height))])
+
+
+@pytest.mark.parametrize("width,height", [(500, 375), (400, 40), (60, 300)])
+def test_random_resized_crop_distribution_matches_torchvision(width, height):
+  n = 4000
+  rng = np.random.default_rng(0)
+  ours = [transforms.random_resized_crop_params(rng, width, height) for _ in range(n)]
+  torch.manual_seed(0)
+  img = Image.new("RGB", (width, height))
+  ref = [T.RandomResizedCrop.get_params(img, scale=[0.08, 1.0], ratio=[3 / 4, 4 / 3]) for _ in range(n)]
+  np.testing.assert_allclose(_box_stats(ours, width, height), _box_stats(ref, width, height), atol=0.025)
+  # Thin images often exhaust the 10 attempts: the central fallback box must be as frequent.
+  fallback = T.RandomResizedCrop.get_params(img, scale=[2.0, 3.0], ratio=[3 / 4, 4 / 3])
+  share = lambda boxes: np.mean([tuple(b) == tuple(fallback) for b in boxes])
+  assert abs(share(ours) - share(ref)) < 0.02
+  assert all(0 < h <= height and 0 < w <= width and t + h <= height and l + w <= width for t, l, h, w in ours)
+
+
+@pytest.mark.parametrize("width,height", [(500, 375), (400, 40), (60, 300), (100, 100)])
+def test_random_resized_crop_fallback_exact(width, height):
+  img = Image.new("RGB", (width, height))
+  # An area fraction above 1 never fits, so both end in the central fallback.
+  expected = T.RandomResizedCrop.get_params(img, scale=[2.0, 3.0], ratio=[3 / 4, 4 / 3])
+  got = transforms.random_resized_crop_params(np.random.default_rng(1), width, height, scale=(2.0, 3.0))
+  assert tuple(got) == tuple(expected)
+
+
+@pytest.mark.parametrize("size,resize,crop", [((300, 200), 256, 224), ((200, 301), 256, 224), ((256, 256), 256, 224),
+                                              ((90, 70), 256, 224), ((36, 50), 36, 32), ((50, 40), 32, 36)])
+def test_eval_transform_matches_torchvision(size, resize, crop):
+  img = _pil(size)
+  expected = np.asarray(T.Compose([T.Resize(resize), T.CenterCrop(crop)])(img.copy()))
+  got = transforms.eval_transform(_pil(size), size=crop, resize_size=resize, fast_decode=False)
+  assert got.shape == (crop, crop, 3) and got.dtype == np.uint8
+  np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_train_transform_matches_torchvision_resized_crop(seed):
+  img = _pil((120, 90), seed=seed)
+  rng = np.random.default_rng(seed)
+  top, left, h, w = transforms.random_resized_crop_params(rng, 120, 90)
+  flip = rng.random() < 0.5
+  expected = TF.resized_crop(img.copy(), top, left, h, w, [32, 32], T.InterpolationMode.BILINEAR)
+  if flip:
+    expected = TF.hflip(expected)
+  got = transforms.train_transform(_pil((120, 90), seed=seed), np.random.default_rng(seed), size=32,
+                                   fast_decode=False)
+  np.testing.assert_array_equal(got, np.asarray(expected))
+
+
+def test_fast_decode_drafts_and_stays_close():
+  big = synthetic.image_bytes(3, (800, 600))
+  img = Image.open(io.BytesIO(big))
+  assert decode.draft_jpeg(img, (100, 75)) == 8.0 and img.size == (100, 75)
+  # Eval: the shorter side 600 -> 64 allows 1/8 decoding; pixels stay near the full decode.
+  full = transforms.eval_transform(Image.open(io.BytesIO(big)), size=56, resize_size=64, fast_decode=False)
+  fast = transforms.eval_transform(Image.open(io.BytesIO(big)), size=56, resize_size=64, fast_decode=True)
+  assert np.abs(full.astype(int) - fast.astype(int)).mean() < 3.0
+  for seed in range(4):
+    full = transforms.train_transform(Image.open(io.BytesIO(big)), np.random.default_rng(seed), size=48,
+                                      fast_decode=False)
+    fast = transforms.train_transform(Image.open(io.BytesIO(big)), np.random.default_rng(seed), size=48,
+                                      fast_decode=True)
+    assert np.abs(full.astype(int) - fast.astype(int)).mean() < 3.0
+
+
+@pytest.mark.parametrize("fmt,mode", [("JPEG", "L"), ("JPEG", "CMYK"), ("PNG", "P"), ("PNG", "RGBA"), ("PNG", "LA"),
+                                      ("PNG", "L"), ("PNG", "RGB")])
+def test_modes_become_rgb(fmt, mode):
+  data = synthetic.image_bytes(1, (20, 16), fmt, mode)
+  arr = decode.load_rgb_array(data, "mem")
+  assert arr.shape == (16, 20, 3) and arr.dtype == np.uint8
+  np.testing.assert_array_equal(arr, np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+  out = transforms.train_transform(Image.open(io.BytesIO(data)), np.random.default_rng(0), size=8)
+  assert out.shape == (8, 8, 3)
+
+
+def test_corrupt_image_names_its_path(tmp_path):
+  bad = tmp_path / "broken.jpg"
+  bad.write_bytes(synthetic.image_bytes(0, (64, 64))[:200])
+  with pytest.raises(decode.CorruptImageError, match="broken.jpg"):
+    decode.load_rgb_array(str(bad), str(bad))
+  assert decode.check_decodable(str(bad), str(bad)) is not None
+
+
+def test_normalizer_rgb_matches_torchvision():
+  pixels = np.asarray(_pil((8, 6)))
+  cfg = PretrainedCfg(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+  expected = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)(T.ToTensor()(Image.fromarray(pixels))).permute(1, 2, 0).numpy()
+  got = transforms.Normalizer(cfg)(pixels)
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_normalizer_bgr_x255_for_bn_inception():
+  pixels = np.asarray(_pil((8, 6)))
+  cfg = PretrainedCfg(mean=(104.0, 117.0, 128.0), std=(1.0, 1.0, 1.0), color_order="BGR", pixel_scale=255.0)
+  expected = pixels[..., ::-1].astype(np.float64) - np.array([104.0, 117.0, 128.0])
+  np.testing.assert_allclose(transforms.Normalizer(cfg)(pixels), expected, atol=1e-4)
+  batch = np.stack([pixels, pixels[::-1]])
+  np.testing.assert_allclose(transforms.Normalizer(cfg)(batch)[0], expected, atol=1e-4)
