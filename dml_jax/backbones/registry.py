@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 from typing import Any, Callable
 
+import jax
 from flax import nnx
 
 from dml_jax.backbones.pretrained import PretrainedCfg
@@ -20,16 +21,18 @@ class ModelEntry:
   build: Callable[..., nnx.Module]  # build(*, rngs: nnx.Rngs, **arch) -> module
   arch: dict[str, Any]
   pretrained_cfg: PretrainedCfg
+  # timm pretrained tag ('augreg_in21k') -> that weight's preprocessing; the untagged name gets `pretrained_cfg`.
+  pretrained_tags: dict[str, PretrainedCfg] = dataclasses.field(default_factory=dict)
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
 def register(name: str, family: str, build: Callable[..., nnx.Module], pretrained_cfg: PretrainedCfg,
-             **arch: Any) -> None:
+             pretrained_tags: dict[str, PretrainedCfg] | None = None, **arch: Any) -> None:
   if name in _REGISTRY:
     raise ValueError(f"backbone {name!r} is registered twice")
-  _REGISTRY[name] = ModelEntry(name, family, build, dict(arch), pretrained_cfg)
+  _REGISTRY[name] = ModelEntry(name, family, build, dict(arch), pretrained_cfg, dict(pretrained_tags or {}))
 
 
 def _ensure_families_imported() -> None:
@@ -44,6 +47,20 @@ def get_entry(name: str) -> ModelEntry:
     close = difflib.get_close_matches(base, list(_REGISTRY), n=3)
     raise KeyError(f"unknown backbone {name!r}; close matches: {close}; known: {sorted(_REGISTRY)}")
   return _REGISTRY[base]
+
+
+def get_pretrained_cfg(name: str) -> PretrainedCfg:
+  """Preprocessing for `name`: 'arch.tag' gives that tag's cfg, a bare 'arch' the variant's default.
+
+  An unknown tag stops with the known ones rather than guessing a normalisation.
+  """
+  entry = get_entry(name)
+  if "." not in name:
+    return entry.pretrained_cfg
+  tag = name.split(".", 1)[1]
+  if tag not in entry.pretrained_tags:
+    raise KeyError(f"unknown pretrained tag {tag!r} for {entry.name!r}; known tags: {sorted(entry.pretrained_tags)}")
+  return entry.pretrained_tags[tag]
 
 
 def list_models() -> list[str]:
@@ -64,10 +81,22 @@ def create(name: str, weights: str | None = None, *, rngs: nnx.Rngs | None = Non
   """
   entry = get_entry(name)
   arch = {**entry.arch, **overrides}
-  model = entry.build(rngs=rngs or nnx.Rngs(0), **arch)
-  cfg = entry.pretrained_cfg
-  if weights is not None:
+  tag = name.split(".", 1)[1] if "." in name else None
+  cfg = entry.pretrained_tags.get(tag, entry.pretrained_cfg)
+  if weights is None:
+    model = entry.build(rngs=rngs or nnx.Rngs(0), **arch)
+  else:
     from dml_jax.convert.weights_dir import load_weights_into  # local: convert imports backbones
+    # The weights replace every parameter and BN statistic, so only shapes are built: a random init costs one
+    # XLA compile per parameter shape (seconds for a ViT on a CPU) and the memory of a second copy.
+    model = nnx.eval_shape(lambda: entry.build(rngs=nnx.Rngs(0), **arch))
     cfg = load_weights_into(model, weights, expected_model=entry.name, family=entry.family)
+    if _has_abstract_state(model):  # state the directory does not hold (e.g. RNG streams): build it for real
+      model = entry.build(rngs=rngs or nnx.Rngs(0), **arch)
+      cfg = load_weights_into(model, weights, expected_model=entry.name, family=entry.family)
   model.pretrained_cfg = cfg
   return model
+
+
+def _has_abstract_state(model: nnx.Module) -> bool:
+  return any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(nnx.state(model)))

@@ -44,14 +44,19 @@ def model_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
   return {path_key(k): tuple(v.shape) for k, v in flat}
 
 
+def _key_diff(expected: Mapping[str, tuple[int, ...]], flat: Mapping[str, np.ndarray]):
+  """(missing, unexpected, mis-shaped) keys of `flat` against the model's {key: shape}."""
+  missing = sorted(set(expected) - set(flat))
+  unexpected = sorted(set(flat) - set(expected))
+  misshaped = sorted((k, tuple(np.shape(flat[k])), tuple(expected[k]))
+                     for k in set(expected) & set(flat) if tuple(np.shape(flat[k])) != tuple(expected[k]))
+  return missing, unexpected, misshaped
+
+
 def strict_update(model: nnx.Module, flat: Mapping[str, np.ndarray], source: str, note: str = "") -> None:
   """Writes `flat` into `model`; any missing, unexpected or mis-shaped key stops with the full list."""
   state = nnx.to_flat_state(nnx.state(model, LOADED))
-  expected = {path_key(k): v for k, v in state}
-  missing = sorted(set(expected) - set(flat))
-  unexpected = sorted(set(flat) - set(expected))
-  misshaped = sorted((k, tuple(np.shape(flat[k])), tuple(expected[k].shape))
-                     for k in set(expected) & set(flat) if tuple(np.shape(flat[k])) != tuple(expected[k].shape))
+  missing, unexpected, misshaped = _key_diff({path_key(k): tuple(v.shape) for k, v in state}, flat)
   if missing or unexpected or misshaped:
     raise WeightsMismatchError(source, missing=missing, unexpected=unexpected, misshaped=misshaped, note=note)
   for path, var in state:
@@ -99,8 +104,11 @@ def load_weights_into(model: nnx.Module, path: str | os.PathLike, *, expected_mo
   """Strictly loads a weights directory into `model`; returns the weights' preprocessing cfg."""
   meta, flat = read_weights_dir(path)
   if meta["family"] != family or meta["model"] != expected_model:
-    raise WeightsMismatchError(str(path), note=f"the directory holds {meta['model']!r} ({meta['family']}), "
-                                               f"the model is {expected_model!r} ({family})")
+    # The keys are listed too, so that the message shows how far apart the two architectures are.
+    missing, unexpected, misshaped = _key_diff(model_shapes(model), flat)
+    raise WeightsMismatchError(str(path), missing=missing, unexpected=unexpected, misshaped=misshaped,
+                               note=f"the directory holds {meta['model']!r} ({meta['family']}), "
+                                    f"the model is {expected_model!r} ({family})")
   adapter = _LOAD_ADAPTERS.get(family)
   if adapter is not None:
     flat = adapter(flat, model_shapes(model))

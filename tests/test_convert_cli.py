@@ -1,0 +1,296 @@
+"""convert_timm_weights.py end to end: every source kind, features against timm, strictness, torch-free loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from timm.models.vision_transformer import VisionTransformer as TimmViT  # noqa: E402
+from timm.models.vision_transformer import _load_weights as timm_load_npz  # noqa: E402
+
+import convert_timm_weights as cli  # noqa: E402
+from dml_jax.backbones import create, get_entry, list_models  # noqa: E402
+from dml_jax.backbones.pretrained import PretrainedCfg  # noqa: E402
+from dml_jax.convert.errors import WeightsMismatchError  # noqa: E402
+from dml_jax.convert.weights_dir import read_weights_dir, write_weights_dir  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4)
+TINY_ARGS = ["--arch"] + [f"{k}={v}" for k, v in TINY.items()]
+ATOL = 1e-4
+
+_pooled = nnx.jit(lambda model, x: model(x))
+
+
+def _perturbed(model, scale: float, seed: int = 0):
+  torch.manual_seed(seed)
+  with torch.no_grad():  # distinct values in every tensor (timm's init leaves biases 0, LayerNorms (1, 0))
+    for p in model.parameters():
+      p.add_(torch.randn_like(p) * scale)
+  return model.eval()
+
+
+def _timm_pooled(tm, x: np.ndarray) -> np.ndarray:
+  with torch.no_grad():
+    return tm.forward_head(tm.forward_features(torch.from_numpy(x).permute(0, 3, 1, 2)), pre_logits=True).numpy()
+
+
+def _images(size: int, b: int = 2) -> np.ndarray:
+  return np.random.RandomState(0).randn(b, size, size, 3).astype(np.float32)
+
+
+def _max_diff(a, b) -> float:
+  return float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())
+
+
+def _run_cli(capsys, *args) -> tuple[int, str, str]:
+  rc = cli.main([str(a) for a in args])
+  captured = capsys.readouterr()
+  return rc, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def vit_s_checkpoint(tmp_path_factory):
+  tm = _perturbed(timm.create_model("vit_small_patch16_224", pretrained=False), 0.02)
+  path = tmp_path_factory.mktemp("vit_s") / "vit_s.pth"
+  torch.save(tm.state_dict(), path)
+  return tm, path
+
+
+@pytest.fixture(scope="module")
+def vit_s_dir(vit_s_checkpoint, tmp_path_factory):
+  _, path = vit_s_checkpoint
+  out = tmp_path_factory.mktemp("vit_s_dir") / "w"
+  assert cli.main(["--model", "vit_small_patch16_224.augreg_in21k", "--checkpoint", str(path), "--out", str(out)]) == 0
+  return out
+
+
+def test_vit_s16_at_224_matches_timm(vit_s_checkpoint, vit_s_dir):
+  tm, _ = vit_s_checkpoint
+  meta, flat = read_weights_dir(vit_s_dir)
+  assert meta["model"] == "vit_small_patch16_224" and meta["family"] == "vit"
+  assert meta["dropped_keys"] == ["head.weight", "head.bias"]
+  assert meta["num_params"] == sum(p.numel() for n, p in tm.named_parameters() if not n.startswith("head."))
+  fm = create("vit_small_patch16_224.augreg_in21k", weights=str(vit_s_dir))
+  assert fm.pretrained_cfg == PretrainedCfg(mean=(0.5,) * 3, std=(0.5,) * 3, input_size=224, crop_pct=0.9,
+                                            interpolation="bicubic")
+  x = _images(224)
+  assert _max_diff(_pooled(fm, jnp.asarray(x)), _timm_pooled(tm, x)) < ATOL
+
+
+def test_deit_s_distilled_at_224_wrapped_checkpoint_matches_timm(tmp_path, capsys):
+  tm = _perturbed(timm.create_model("deit_small_distilled_patch16_224", pretrained=False), 0.02, seed=1)
+  path = tmp_path / "deit.pth"
+  torch.save({"model": tm.state_dict(), "epoch": 299}, path)  # the layout of the DeiT release files
+  rc, out, err = _run_cli(capsys, "--model", "deit_small_distilled_patch16_224.fb_in1k", "--checkpoint", path,
+                          "--out", tmp_path / "w")
+  assert rc == 0, err
+  assert "took the state dict under 'model'" in out and "head_dist.weight" in out
+  fm = create("deit_small_distilled_patch16_224", weights=str(tmp_path / "w"))
+  assert fm.pretrained_cfg.mean == (0.485, 0.456, 0.406)
+  x = _images(224)
+  assert _max_diff(_pooled(fm, jnp.asarray(x)), _timm_pooled(tm, x)) < ATOL
+
+
+@pytest.mark.parametrize("kind", [".bin", ".safetensors"])
+def test_tiny_bin_and_safetensors(tmp_path, capsys, kind):
+  tm = _perturbed(TimmViT(**TINY, num_classes=10), 0.1)
+  path = tmp_path / f"tiny{kind}"
+  if kind == ".bin":
+    torch.save({"state_dict": tm.state_dict()}, path)
+  else:
+    save_file(tm.state_dict(), str(path))
+  rc, _, err = _run_cli(capsys, "--model", "vit_small_patch16_224", "--checkpoint", path, "--out", tmp_path / "w",
+                        *TINY_ARGS)
+  assert rc == 0, err
+  fm = create("vit_small_patch16_224", weights=str(tmp_path / "w"), **TINY)
+  x = _images(32)
+  assert _max_diff(_pooled(fm, jnp.asarray(x)), _timm_pooled(tm, x)) < ATOL
+
+
+def _write_vit_jax_npz(state_dict: dict[str, torch.Tensor], path: pathlib.Path, num_heads: int) -> None:
+  """The vit_jax / AugReg npz naming, written from a timm state dict (the inverse of timm's _load_weights)."""
+  sd = {k: v.detach().numpy() for k, v in state_dict.items()}
+  dim = sd["cls_token"].shape[-1]
+  hd = dim // num_heads
+  w = {"embedding/kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
+       "embedding/bias": sd["patch_embed.proj.bias"], "cls": sd["cls_token"],
+       "Transformer/posembed_input/pos_embedding": sd["pos_embed"],
+       "Transformer/encoder_norm/scale": sd["norm.weight"], "Transformer/encoder_norm/bias": sd["norm.bias"],
+       "head/kernel": sd["head.weight"].T, "head/bias": sd["head.bias"],
+       # Old in21k files carry a representation layer; timm ignores it and so must the conversion.
+       "pre_logits/kernel": np.zeros((dim, dim), np.float32), "pre_logits/bias": np.zeros((dim,), np.float32)}
+  depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+  for i in range(depth):
+    b, t = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
+    w[b + "LayerNorm_0/scale"], w[b + "LayerNorm_0/bias"] = sd[t + "norm1.weight"], sd[t + "norm1.bias"]
+    w[b + "LayerNorm_2/scale"], w[b + "LayerNorm_2/bias"] = sd[t + "norm2.weight"], sd[t + "norm2.bias"]
+    qkv_w, qkv_b = sd[t + "attn.qkv.weight"], sd[t + "attn.qkv.bias"]
+    for j, name in enumerate(("query", "key", "value")):
+      rows = slice(j * dim, (j + 1) * dim)
+      w[b + f"MultiHeadDotProductAttention_1/{name}/kernel"] = qkv_w[rows].T.reshape(dim, num_heads, hd)
+      w[b + f"MultiHeadDotProductAttention_1/{name}/bias"] = qkv_b[rows].reshape(num_heads, hd)
+    w[b + "MultiHeadDotProductAttention_1/out/kernel"] = sd[t + "attn.proj.weight"].T.reshape(num_heads, hd, dim)
+    w[b + "MultiHeadDotProductAttention_1/out/bias"] = sd[t + "attn.proj.bias"]
+    for r in range(2):
+      w[b + f"MlpBlock_3/Dense_{r}/kernel"] = sd[t + f"mlp.fc{r + 1}.weight"].T
+      w[b + f"MlpBlock_3/Dense_{r}/bias"] = sd[t + f"mlp.fc{r + 1}.bias"]
+  np.savez(path, **w)
+
+
+def test_npz_and_safetensors_convert_and_load_without_torch(tmp_path):
+  tm = _perturbed(TimmViT(**TINY, num_classes=10), 0.1)
+  npz = tmp_path / "augreg.npz"
+  _write_vit_jax_npz(tm.state_dict(), npz, num_heads=TINY["num_heads"])
+  # The test's npz naming is right: timm's own npz loader reproduces the model from it.
+  reloaded = TimmViT(**TINY, num_classes=10).eval()
+  timm_load_npz(reloaded, str(npz))
+  x = _images(32)
+  ref = _timm_pooled(tm, x)
+  assert _max_diff(_timm_pooled(reloaded, x), ref) < 1e-5
+  save_file(tm.state_dict(), str(tmp_path / "tiny.safetensors"))
+  np.save(tmp_path / "x.npy", x)
+  arch = " ".join(f"{k}={v}" for k, v in TINY.items())
+  kwargs = ", ".join(f"{k}={v}" for k, v in TINY.items())
+  script = textwrap.dedent(f"""
+      import sys
+      import numpy as np
+      import convert_timm_weights as cli
+      for src, out in (("augreg.npz", "w_npz"), ("tiny.safetensors", "w_st")):
+        rc = cli.main(["--model", "vit_small_patch16_224.augreg_in21k", "--checkpoint", r"{tmp_path}/" + src,
+                       "--out", r"{tmp_path}/" + out, "--arch"] + "{arch}".split())
+        assert rc == 0, src
+      assert "torch" not in sys.modules, "conversion imported torch"
+      from dml_jax.backbones import create
+      x = np.load(r"{tmp_path}/x.npy")
+      for out in ("w_npz", "w_st"):
+        model = create("vit_small_patch16_224", weights=r"{tmp_path}/" + out, {kwargs})
+        np.save(r"{tmp_path}/" + out + ".npy", np.asarray(model(x)))
+      assert "torch" not in sys.modules, "loading and the forward pass imported torch"
+      """)
+  env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "dropped on purpose (4): head/kernel, head/bias, pre_logits/kernel, pre_logits/bias" in proc.stdout
+  for out in ("w_npz", "w_st"):
+    assert _max_diff(np.load(tmp_path / f"{out}.npy"), ref) < ATOL, out
+
+
+def test_timm_name_source_takes_timms_state_dict_and_cfg(tmp_path, capsys, monkeypatch):
+  # Offline stand-in for the hub: timm's own pretrained loading, from a local file instead of a download.
+  tm = _perturbed(TimmViT(**TINY, num_classes=21843), 0.1)
+  torch.save(tm.state_dict(), tmp_path / "hub.pth")
+  real_create = timm.create_model
+  calls = []
+
+  def create_from_file(name, pretrained=False, **kwargs):
+    calls.append((name, pretrained, dict(kwargs)))
+    return real_create(name, pretrained=pretrained, pretrained_cfg_overlay=dict(file=str(tmp_path / "hub.pth")),
+                       **kwargs)
+
+  monkeypatch.setattr(timm, "create_model", create_from_file)
+  rc, out, err = _run_cli(capsys, "--model", "vit_small_patch16_224.augreg_in21k", "--out", tmp_path / "w",
+                          *TINY_ARGS)
+  assert rc == 0, err
+  assert calls == [("vit_small_patch16_224.augreg_in21k", True, TINY)]
+  meta, _ = read_weights_dir(tmp_path / "w")
+  assert meta["source"] == "timm:vit_small_patch16_224.augreg_in21k"
+  assert meta["pretrained_cfg"]["mean"] == [0.5, 0.5, 0.5] and meta["pretrained_cfg"]["crop_pct"] == 0.9
+  fm = create("vit_small_patch16_224", weights=str(tmp_path / "w"), **TINY)
+  x = _images(32)
+  assert _max_diff(_pooled(fm, jnp.asarray(x)), _timm_pooled(tm, x)) < ATOL
+
+
+def test_timm_name_offline_points_to_checkpoint(tmp_path, capsys, monkeypatch):
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  rc, _, err = _run_cli(capsys, "--model", "vit_small_patch16_224.augreg_in21k", "--out", tmp_path / "w", *TINY_ARGS)
+  assert rc == 1
+  assert "--checkpoint" in err and "vit_small_patch16_224.augreg_in21k" in err
+  assert not (tmp_path / "w").exists()
+
+
+def test_bninception_needs_a_local_checkpoint(tmp_path, capsys):
+  names = [n for n in list_models() if get_entry(n).family == "bninception"]
+  assert names, "no backbone of family 'bninception' is registered"
+  rc, _, err = _run_cli(capsys, "--model", names[0], "--out", tmp_path / "w")
+  assert rc == 1 and "timm has no BN-Inception" in err and "--checkpoint" in err
+
+
+def test_resnet_checkpoint_as_vit_lists_keys(tmp_path, capsys):
+  resnet = timm.create_model("resnet10t", pretrained=False, num_classes=10)
+  torch.save(resnet.state_dict(), tmp_path / "resnet.pth")
+  rc, _, err = _run_cli(capsys, "--model", "vit_small_patch16_224", "--checkpoint", tmp_path / "resnet.pth",
+                        "--out", tmp_path / "w")
+  assert rc == 1
+  assert "missing keys" in err and "cls_token" in err and "blocks.0.attn.qkv.weight" in err
+  assert "unexpected keys" in err and "fc.weight" in err
+  assert not (tmp_path / "w").exists()
+
+
+def test_vit_s_checkpoint_as_vit_b_lists_misshaped_keys(vit_s_checkpoint, tmp_path, capsys):
+  _, path = vit_s_checkpoint
+  rc, _, err = _run_cli(capsys, "--model", "vit_base_patch16_224", "--checkpoint", path, "--out", tmp_path / "w")
+  assert rc == 1
+  assert "mis-shaped keys (150)" in err  # every parameter: all have the width in their shape
+  assert "blocks/0/attn/qkv/kernel: file (384, 1152) vs model (768, 2304)" in err
+
+
+def test_weights_dirs_of_other_models_do_not_load_into_vit_b(vit_s_dir, tmp_path):
+  listed = r"(?s)holds 'vit_small_patch16_224'.*mis-shaped keys \(150\): blocks/0/attn/proj/bias: file \(384,\)"
+  with pytest.raises(WeightsMismatchError, match=listed):
+    create("vit_base_patch16_224", weights=str(vit_s_dir))
+  resnet_flat = {"conv1/kernel": np.zeros((7, 7, 3, 64), np.float32), "bn1/scale": np.ones(64, np.float32)}
+  write_weights_dir(tmp_path / "r", model_name="resnet50", family="resnet", arch={}, flat=resnet_flat,
+                    pretrained_cfg=PretrainedCfg(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+                    source="test", dropped_keys=[])
+  with pytest.raises(WeightsMismatchError) as info:
+    create("vit_base_patch16_224", weights=str(tmp_path / "r"))
+  message = str(info.value)
+  assert "holds 'resnet50' (resnet)" in message
+  assert "missing keys (150): blocks/0/attn/proj/bias" in message
+  assert "unexpected keys (2): bn1/scale, conv1/kernel" in message
+
+
+def test_strictness_and_bad_files(tmp_path, capsys):
+  tm = TimmViT(**TINY, num_classes=10)
+  sd = dict(tm.state_dict())
+  sd["blocks.5.norm1.weight"] = torch.ones(64)  # a block the model does not have
+  del sd["blocks.1.mlp.fc2.bias"]
+  torch.save(sd, tmp_path / "bad.pth")
+  rc, _, err = _run_cli(capsys, "--model", "vit_small_patch16_224", "--checkpoint", tmp_path / "bad.pth", "--out",
+                        tmp_path / "w", *TINY_ARGS)
+  assert rc == 1
+  assert "missing keys (1): blocks.1.mlp.fc2.bias" in err and "unexpected keys (1): blocks.5.norm1.weight" in err
+  torch.save({"weights": sd, "note": "not a tensor"}, tmp_path / "odd.pth")
+  rc, _, err = _run_cli(capsys, "--model", "vit_small_patch16_224", "--checkpoint", tmp_path / "odd.pth", "--out",
+                        tmp_path / "w", *TINY_ARGS)
+  assert rc == 1 and "not tensors" in err and "weights (dict)" in err
+  (tmp_path / "w.ckpt").write_bytes(b"")
+  rc, _, err = _run_cli(capsys, "--model", "vit_small_patch16_224", "--checkpoint", tmp_path / "w.ckpt", "--out",
+                        tmp_path / "w")
+  assert rc == 1 and "unknown checkpoint type '.ckpt'" in err
+  rc, _, err = _run_cli(capsys, "--model", "vit_small_patch16_224", "--checkpoint", tmp_path / "none.pth", "--out",
+                        tmp_path / "w")
+  assert rc == 1 and "not found" in err
+  rc, _, err = _run_cli(capsys, "--model", "vit_small_patch16_224.no_such_tag", "--checkpoint", tmp_path / "bad.pth",
+                        "--out", tmp_path / "w")
+  assert rc == 1 and "unknown pretrained tag 'no_such_tag'" in err
+  assert not (tmp_path / "w").exists()
+  with open(tmp_path / "tiny.json", "w") as f:  # a file that is no archive of any kind
+    json.dump({}, f)
+  rc, _, err = _run_cli(capsys, "--model", "vit_small_patch16_224", "--checkpoint", tmp_path / "tiny.json", "--out",
+                        tmp_path / "w")
+  assert rc == 1 and "unknown checkpoint type '.json'" in err
