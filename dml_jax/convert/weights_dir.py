@@ -60,7 +60,7 @@ def strict_update(model: nnx.Module, flat: Mapping[str, np.ndarray], source: str
   if missing or unexpected or misshaped:
     raise WeightsMismatchError(source, missing=missing, unexpected=unexpected, misshaped=misshaped, note=note)
   for path, var in state:
-    var[...] = jnp.asarray(flat[path_key(path)], dtype=var.dtype)
+    var.set_value(jnp.asarray(flat[path_key(path)], dtype=var.dtype))
   nnx.update(model, nnx.from_flat_state(state))
 
 
