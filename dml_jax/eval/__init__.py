@@ -1,0 +1,11 @@
+"""Evaluation: sharded embedding, exact kNN (JAX / FAISS), retrieval and clustering metrics, protocols.
+
+  embed.embed_dataset       embeddings of a loader's images over all devices (progress bar, images/s)
+  knn.knn / knn_chunks      exact chunked k-nearest neighbours, backend 'jax' | 'faiss' | 'auto'
+  kmeans.kmeans             faiss-style Lloyd k-means (JAX) or faiss.Kmeans
+  metrics                   retrieval_metrics (Recall@K, R-Precision, MAP@R, mARP), clustering_metrics (NMI, F1)
+  protocols.evaluate        the per-dataset protocol (K values, query/gallery split)
+  faiss_check               refuses faiss-cpu and faiss-gpu installed together
+
+`python -m dml_jax.evaluate` evaluates saved embeddings (dml_jax/evaluate.py).
+"""
