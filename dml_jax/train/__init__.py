@@ -1,0 +1,12 @@
+"""The training engine: parameter groups and optimizers, the one sharded update step, the epoch loop.
+
+  optim        config regex rules -> parameter groups -> one optax chain per group (torch semantics)
+  schedules    per-epoch learning-rate schedules (step, multistep, cosine), as torch's schedulers
+  step         the jitted, donated, data-parallel update step over a ('data',) mesh
+  checkpoint   orbax checkpoints: last N and best, with config and data-iterator state
+  logs         metrics.jsonl, TensorBoard events, the summary table
+  loop         fit(config, workdir): epochs, method hooks, evaluation, resume, NaN guard
+  config       the default config and the Proxy-Anchor recipe the configs/ files build on
+
+Importing this package is cheap (config files import `dml_jax.train.config`); import the modules you use.
+"""

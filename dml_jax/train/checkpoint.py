@@ -1,0 +1,73 @@
+"""Checkpoints with orbax: the train state (arrays) plus JSON metadata, kept as 'last N' and 'best'.
+
+Layout under the workdir:
+  checkpoints/last/<step>/{state,meta}   the newest `keep_last` checkpoints (resume reads the newest)
+  checkpoints/best/<step>/{state,meta}   the checkpoint with the best selection metric so far
+
+`state` is the train-state dict (parameters, optimizer state per group, method state, step, RNG key
+data); `meta` is JSON: the config, the epoch to run next, the data-iterator state, the phase, the
+selection metric, the best value so far. Orbax writes each checkpoint to a temporary directory and
+renames it when complete, so a run killed while saving leaves the previous checkpoint intact. Saves are
+synchronous: the state's buffers are donated to the next update step right after saving.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+LAST = "last"
+BEST = "best"
+
+
+class Checkpoints:
+  """Two orbax CheckpointManagers, 'last' (keep_last newest) and 'best' (one)."""
+
+  def __init__(self, workdir: str | pathlib.Path, *, keep_last: int = 1, keep_best: bool = True):
+    if keep_last < 1:
+      raise ValueError(f"checkpoint.keep_last must be >= 1, got {keep_last}")
+    root = pathlib.Path(workdir).absolute() / "checkpoints"
+    self.root = root
+    self._managers = {
+        LAST: ocp.CheckpointManager(root / LAST, options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep_last, create=True, enable_async_checkpointing=False)),
+    }
+    if keep_best:
+      self._managers[BEST] = ocp.CheckpointManager(root / BEST, options=ocp.CheckpointManagerOptions(
+          max_to_keep=1, create=True, enable_async_checkpointing=False))
+
+  def _manager(self, which: str) -> ocp.CheckpointManager:
+    if which not in self._managers:
+      raise ValueError(f"no {which!r} checkpoints are kept (checkpoint.keep_best is off)")
+    return self._managers[which]
+
+  def latest_step(self, which: str = LAST) -> int | None:
+    if which not in self._managers:
+      return None
+    return self._managers[which].latest_step()
+
+  def save(self, step: int, state: Any, meta: dict, which: str = LAST) -> None:
+    self._manager(which).save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                                  meta=ocp.args.JsonSave(meta)), force=True)
+
+  def read_meta(self, step: int, which: str = LAST) -> dict:
+    return self._manager(which).restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+  def restore(self, step: int, abstract_state: Any, which: str = LAST) -> tuple[Any, dict]:
+    """Restores into the structure, shapes, dtypes and shardings of `abstract_state`."""
+    restored = self._manager(which).restore(int(step), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    return restored.state, restored.meta
+
+  def close(self) -> None:
+    for manager in self._managers.values():
+      manager.wait_until_finished()
+      manager.close()
+
+
+def abstract_like(state: Any, sharding: jax.sharding.Sharding) -> Any:
+  """ShapeDtypeStructs of `state` placed with `sharding` (what `restore` fills)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
