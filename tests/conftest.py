@@ -1,9 +1,15 @@
-"""Suite-wide settings: offline hubs, parsed absl flags (grain workers read them), CPU-friendly numerics."""
+"""Suite-wide settings: offline hubs, parsed absl flags (grain workers read them), a compilation cache."""
 
 import os
+import pathlib
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Many tests (and their subprocesses, which inherit these variables) compile the same tiny models; XLA's
+# persistent cache keys on the HLO and the flags, so a hit is always the same executable.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(pathlib.Path(__file__).resolve().parent.parent / ".jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 from absl import flags  # noqa: E402
 
