@@ -46,10 +46,18 @@ uses a method only through this interface:
       `.embed_records(train_state, records) -> (embeddings float32 [N, E], labels int64 [N])` (eval-mode
       embedding of e.g. the training set, over all devices), `.steps_per_epoch`, `.log(text)`.
 
+  method.host_row_tables() -> {name: HostRowTable}
+  method.batch_rows(labels) -> int [R]
+      Parameter tables kept in host memory (VPTSP's class-prompt memory bank, methods/host_tables.py):
+      params hold a device buffer [R, ...] per table; before each step the trainer writes the rows
+      `batch_rows(labels)` (labels: the global batch's int [B], numpy) and their optimizer moments into
+      the buffer and its group's optimizer state, and writes them back after the step (lazy row-sparse
+      updates, dml_jax/train/row_sparse.py). Default: no tables.
+
   method.pretrained_cfg: the backbone weights' preprocessing (PretrainedCfg), for the data loaders.
   method.embedding_dim: E.
 
-`Method` below gives the defaults (no frozen paths, no variants, identity hooks).
+`Method` below gives the defaults (no frozen paths, no variants, identity hooks, no host tables).
 """
 
 from __future__ import annotations
@@ -103,6 +111,12 @@ class Method:
   def on_epoch_end(self, epoch: int, train_state: dict, ctx: Any) -> dict:
     del epoch, ctx
     return train_state
+
+  def host_row_tables(self) -> dict[str, Any]:
+    return {}
+
+  def batch_rows(self, labels: Any) -> Any:
+    raise NotImplementedError(f"method {self.name!r} declares host row tables but no batch_rows(labels)")
 
 
 def cast_floating(tree: Any, dtype: Any) -> Any:

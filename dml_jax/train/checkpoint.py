@@ -1,14 +1,15 @@
 """Checkpoints with orbax: the train state (arrays) plus JSON metadata, kept as 'last N' and 'best'.
 
 Layout under the workdir:
-  checkpoints/last/<step>/{state,meta}   the newest `keep_last` checkpoints (resume reads the newest)
-  checkpoints/best/<step>/{state,meta}   the checkpoint with the best selection metric so far
+  checkpoints/last/<step>/{state,meta[,host]}   the newest `keep_last` checkpoints (resume reads the newest)
+  checkpoints/best/<step>/{state,meta[,host]}   the checkpoint with the best selection metric so far
 
 `state` is the train-state dict (parameters, optimizer state per group, method state, step, RNG key
 data); `meta` is JSON: the config, the epoch to run next, the data-iterator state, the phase, the
-selection metric, the best value so far. Orbax writes each checkpoint to a temporary directory and
-renames it when complete, so a run killed while saving leaves the previous checkpoint intact. Saves are
-synchronous: the state's buffers are donated to the next update step right after saving.
+selection metric, the best value so far; `host` (only for methods with host row tables) holds those
+tables and their optimizer moments as numpy arrays. Orbax writes each checkpoint to a temporary
+directory and renames it when complete, so a run killed while saving leaves the previous checkpoint
+intact. Saves are synchronous: the state's buffers are donated to the next update step right after saving.
 """
 
 from __future__ import annotations
@@ -49,9 +50,16 @@ class Checkpoints:
       return None
     return self._managers[which].latest_step()
 
-  def save(self, step: int, state: Any, meta: dict, which: str = LAST) -> None:
-    self._manager(which).save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                                  meta=ocp.args.JsonSave(meta)), force=True)
+  def save(self, step: int, state: Any, meta: dict, which: str = LAST, host: Any = None) -> None:
+    """host: optional nested dict of numpy arrays kept in host memory (a method's host row tables)."""
+    items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    if host is not None:
+      items["host"] = ocp.args.StandardSave(host)
+    self._manager(which).save(int(step), args=ocp.args.Composite(**items), force=True)
+
+  def restore_host(self, step: int, which: str = LAST) -> Any:
+    """The `host` item of a checkpoint as numpy arrays (never placed on a device)."""
+    return self._manager(which).restore(int(step), args=ocp.args.Composite(host=ocp.args.StandardRestore())).host
 
   def read_meta(self, step: int, which: str = LAST) -> dict:
     return self._manager(which).restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta

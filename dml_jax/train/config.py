@@ -19,8 +19,10 @@ Keys:
                             bn_affine_trainable (see methods/metric_loss.py)
   loss.*                    name (dml_jax.losses), hparams (keyword arguments), param_options (initialisers)
   optim.*                   see dml_jax/train/optim.py
-  eval.*                    every_epochs (0 = never), before_training, protocol ('' = dataset.name), metrics, options
-                            (protocols.evaluate keywords), select_on ('test' as the seeds, or 'val'),
+  eval.*                    every_epochs (0 = never), start_epoch (no evaluation, hence no selection, before
+                            it except at the last epoch; VPTSP's eval_start), before_training, protocol
+                            ('' = dataset.name), metrics, options (protocols.evaluate keywords), select_on
+                            ('test' as the seeds, or 'val'),
                             select_metric ('recall@1', 'map@r', ...)
   checkpoint.*              keep_last, keep_best, every_steps (0 = at epoch ends only)
   log.*                     every_steps, tensorboard, progress (tqdm bars)
@@ -60,7 +62,7 @@ def default_config() -> ml_collections.ConfigDict:
       warmup_epochs=0, warmup_trainable="model/head/.*|loss/.*", frozen="",
       groups=(("loss/.*", dict(name="loss_params", lr_mult=100.0)),)))
   c.eval = ml_collections.ConfigDict(dict(
-      every_epochs=1, before_training=False, protocol="", metrics=("recall", "r_precision", "map@r"),
+      every_epochs=1, start_epoch=0, before_training=False, protocol="", metrics=("recall", "r_precision", "map@r"),
       options=ml_collections.ConfigDict(), select_on="test", select_metric="recall@1"))
   c.checkpoint = ml_collections.ConfigDict(dict(keep_last=1, keep_best=True, every_steps=0))
   c.log = ml_collections.ConfigDict(dict(every_steps=20, tensorboard=True, progress=True))

@@ -30,6 +30,7 @@ from dml_jax.eval import protocols
 from dml_jax.train import checkpoint as ckpt_lib
 from dml_jax.train import logs
 from dml_jax.train import optim
+from dml_jax.train import row_sparse
 from dml_jax.train import step as step_lib
 from dml_jax.train import tree as tree_lib
 
@@ -120,6 +121,10 @@ class Trainer:
     self.plan = optim.ParamPlan(config.optim, list(self.param_keys),
                                 method_frozen=self.method.frozen_paths(params))
     self.initial_params, self._init_method_state = params, method_state
+    tables = self.method.host_row_tables()
+    # Tables too large for the accelerator (VPTSP's class prompts on SOP / In-Shop / iNaturalist) stay in
+    # host memory; only the batch's rows travel (row_sparse.py).
+    self.host_tables = row_sparse.HostRowBank(tables, self.param_keys, seed=config.seed) if tables else None
     self.steps = step_lib.StepCache(self.method, self.mesh, self.param_keys)
     self.repl = step_lib.replicated(self.mesh)
 
@@ -238,13 +243,15 @@ class Trainer:
       self._log_config_differences(meta["config"])
       phase = self.plan.phase(meta["phase_epoch"])
       state, meta = self.checkpoints.restore(latest, self._abstract_state(phase))
+      if self.host_tables is not None:
+        self.host_tables.load_state_dict(self.checkpoints.restore_host(latest))
       epoch, best, data_state = meta["epoch"], meta["best"], meta["data_state"]
       _echo(f"resumed from {self.checkpoints.root / ckpt_lib.LAST / str(latest)}: epoch {epoch}, step {latest}"
             + (f", batch {data_state['step']} of the epoch" if data_state else ""))
     _echo(f"{self.method.name} on {self.dataset_name}: {len(self.train_records)} training images, "
           f"{self.train_records.num_classes} classes, {steps_per_epoch} steps/epoch of {c.data.batch_size} images "
           f"on {self.mesh.size} device(s) ({jax.devices()[0].platform})\n"
-          + self.plan.describe(tree_lib.flatten(self.initial_params), 0))
+          + self.plan.describe(tree_lib.flatten(self.initial_params), 0) + "\n" + self._parameter_counts(phase))
 
     history = self._previous_evaluations(epoch) if latest is not None else []
     ctx = TrainContext(config=c, mesh=self.mesh, steps_per_epoch=steps_per_epoch,
@@ -277,7 +284,8 @@ class Trainer:
 
       last_epoch = epoch + 1 == c.num_epochs
       is_best = False
-      if c.eval.every_epochs and ((epoch + 1) % c.eval.every_epochs == 0 or last_epoch):
+      if c.eval.every_epochs and (last_epoch or (epoch >= c.eval.start_epoch and
+                                                  (epoch + 1) % c.eval.every_epochs == 0)):
         row: dict[str, Any] = {"epoch": epoch}
         for split in self.eval_splits:
           res = self.evaluate(state, split)
@@ -294,9 +302,10 @@ class Trainer:
           best = {"value": value, "epoch": epoch, "step": step, "split": select_split, "metric": select_metric,
                   "test": row["test"]}
       meta = self._meta(epoch=epoch + 1, phase_epoch=epoch, data_state=None, best=best, step=step)
-      self.checkpoints.save(step, state, meta)
+      host = self.host_tables.state_dict() if self.host_tables is not None else None
+      self.checkpoints.save(step, state, meta, host=host)
       if is_best and c.checkpoint.keep_best:
-        self.checkpoints.save(step, state, meta, which=ckpt_lib.BEST)
+        self.checkpoints.save(step, state, meta, which=ckpt_lib.BEST, host=host)
 
     summary = self._summary(history, best, time.perf_counter() - t_start, images_seen, train_time)
     self.close()
@@ -338,7 +347,12 @@ class Trainer:
 
     for batch in iterator:
       step = first_step + seen // c.data.batch_size
+      if self.host_tables is not None:
+        rows = self.method.batch_rows(batch["label"])
+        state = self.host_tables.load(state, rows)
       state, metrics = update(state, step_lib.shard_batch(batch, self.mesh), lrs, epoch_arg)
+      if self.host_tables is not None:
+        self.host_tables.store(state, rows)  # waits for the step: the next batch may use the same rows
       pending.append((step, metrics))
       seen += c.data.batch_size
       images_since_log += c.data.batch_size
@@ -350,13 +364,33 @@ class Trainer:
         flush()  # never save a state that follows a non-finite loss
         meta = self._meta(epoch=epoch, phase_epoch=epoch, data_state=iterator.get_state(), best=best,
                           step=step + 1)
-        self.checkpoints.save(step + 1, state, meta)
+        self.checkpoints.save(step + 1, state, meta,
+                              host=self.host_tables.state_dict() if self.host_tables is not None else None)
     flush()
     bar.close()
     seconds = time.perf_counter() - t_epoch
     _echo(f"epoch {epoch}: {seen} images in {seconds:.1f} s ({seen / max(seconds, 1e-9):.1f} images/s), "
           f"learning rates: " + ", ".join(f"{k} {float(v):.3g}" for k, v in lrs.items()))
     return state, seen, seconds
+
+  def _parameter_counts(self, phase: optim.Phase) -> str:
+    """'trainable of total' parameters, as the VPTSP paper's Table 1 counts them: host tables count with
+    their full size (their per-batch device buffers are not counted again)."""
+    flat = tree_lib.flatten(self.initial_params)
+    buffers = set()
+    table_count = trainable_tables = 0
+    if self.host_tables is not None:
+      for table in self.host_tables.tables.values():
+        buffers.add(table.buffer_path)
+        table_count += table.num_parameters
+        trainable_tables += table.num_parameters if table.buffer_path in phase.trainable else 0
+    total = sum(int(np.size(v)) for p, v in flat.items() if p not in buffers) + table_count
+    trainable = sum(int(np.size(flat[p])) for p in phase.trainable if p not in buffers) + trainable_tables
+    line = (f"parameters: {trainable:,} trainable ({trainable / 1e6:.2f}M, {100 * trainable / max(total, 1):.2f}%) "
+            f"of {total:,} ({total / 1e6:.2f}M)")
+    if table_count:
+      line += f"; {table_count:,} of them in host-memory tables (only the batch's rows go to the device)"
+    return line
 
   def _previous_evaluations(self, before_epoch: int) -> list[dict]:
     """Evaluation rows of the epochs before a resume, read back from metrics.jsonl (for the summary)."""

@@ -1,0 +1,150 @@
+"""Host-memory parameter tables with lazy (row-sparse) optimizer updates: VPTSP's prompt memory bank.
+
+A method declares tables with `method.host_row_tables()` (dml_jax/methods/host_tables.py). Each table
+[num_rows, *row_shape] and its optimizer moments live here, in host memory, as numpy arrays; `params` hold
+a device buffer [R, *row_shape] per table, trained by an ordinary optimizer group. Around every step:
+
+  rows = method.batch_rows(labels)     # int [R], distinct table rows in buffer order
+  state = bank.load(state, rows)       # table[rows] -> buffer; moments[rows] -> the group's optimizer state
+  state, metrics = update(state, batch, learning_rates, epoch)
+  bank.store(state, rows)              # buffer -> table[rows]; moments -> moments[rows]
+
+The group's optax chain updates the buffer exactly as it updates any parameter, so the table gets that
+optimizer restricted to the present rows: rows absent from a batch keep values and moments (no moment
+decay, no weight decay), and the group's step count (Adam's bias correction) is the global iteration
+count, as torch's single per-parameter `step` in the official bank (specs/vptsp_dada.md §1.8).
+
+Moments are found by path: every leaf of the optimizer state whose '/'-joined path ends with the buffer's
+path and has the buffer's shape (Adam's `mu` and `nu`, SGD's momentum `trace`). They start
+at zero, as optax's and torch's states do.
+
+Cost per step: R rows x (1 + moments) copied each way; `store` waits for the step to finish (the next
+batch may use the same rows), which removes the asynchronous-dispatch overlap of one step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from dml_jax.methods.host_tables import HostRowTable
+from dml_jax.train import tree as tree_lib
+
+_SEP = "__"  # replaces '/' of moment keys in checkpoints (orbax keys are path components)
+
+
+class HostRowBank:
+  """The host tables of a method and their optimizer moments; see the module docstring.
+
+  Args:
+    tables: {name: HostRowTable} from `method.host_row_tables()`.
+    param_keys: tree.key_index(params) (path -> key tuple) of the method's params.
+    seed: seeds the tables' initialisers (a numpy Generator per table, derived from (seed, table index)).
+  """
+
+  def __init__(self, tables: Mapping[str, HostRowTable], param_keys: Mapping[str, tuple], *, seed: int = 0):
+    if jax.process_count() != 1:
+      raise NotImplementedError("host row tables (memory bank) need the global batch's labels in one process; "
+                                "multi-process training with them is not supported")
+    self.tables = dict(tables)
+    self.param_keys = dict(param_keys)
+    for name, table in self.tables.items():
+      if table.buffer_path not in self.param_keys:
+        raise KeyError(f"host table {name!r}: buffer {table.buffer_path!r} is not a parameter path; paths look "
+                       f"like {list(self.param_keys)[:4]}")
+    self.values: dict[str, np.ndarray] = {}
+    for i, (name, table) in enumerate(sorted(self.tables.items())):
+      value = np.asarray(table.init(np.random.default_rng([int(seed) & 0xFFFFFFFF, 17, i])), np.float32)
+      expected = (table.num_rows,) + tuple(table.row_shape)
+      if value.shape != expected:
+        raise ValueError(f"host table {name!r}: init returned shape {value.shape}, expected {expected}")
+      self.values[name] = value
+    # name -> {moment key ('base/0/mu'): [num_rows, *row_shape]}, created at the first load that sees them.
+    self.moments: dict[str, dict[str, np.ndarray]] = {name: {} for name in self.tables}
+    self._slot_cache: dict[tuple, tuple[dict, dict]] = {}
+
+  @property
+  def num_parameters(self) -> int:
+    return sum(t.num_parameters for t in self.tables.values())
+
+  # -- where the buffers and their moments sit in the train state ---------------------------------------
+
+  def _slots(self, state: dict) -> tuple[list, Any, dict, list, Any, dict]:
+    """Leaves of params and opt_state, their treedefs, and where the buffers and their moments sit."""
+    p_leaves, p_def = jax.tree.flatten(state["params"])
+    o_leaves, o_def = jax.tree.flatten(state["opt_state"])
+    key = (p_def, o_def)
+    if key not in self._slot_cache:  # the state's structure changes only between phases
+      p_paths = list(tree_lib.flatten(state["params"]))  # same leaf order as jax.tree.flatten
+      o_paths = list(tree_lib.flatten(state["opt_state"]))
+      buffers, moments = {}, {}
+      for name, table in self.tables.items():
+        buffers[name] = p_paths.index(table.buffer_path)
+        suffix = "/" + table.buffer_path
+        shape = p_leaves[buffers[name]].shape
+        moments[name] = {path[:-len(suffix)]: i for i, path in enumerate(o_paths)
+                         if path.endswith(suffix) and getattr(o_leaves[i], "shape", None) == shape}
+      self._slot_cache[key] = (buffers, moments)
+    buffers, moments = self._slot_cache[key]
+    return p_leaves, p_def, buffers, o_leaves, o_def, moments
+
+  def _check_rows(self, name: str, rows: np.ndarray, buffer_rows: int) -> np.ndarray:
+    rows = np.asarray(rows)
+    table = self.tables[name]
+    if rows.shape != (buffer_rows,):
+      raise ValueError(f"host table {name!r}: batch_rows gave {rows.shape}, the buffer holds {buffer_rows} rows")
+    if rows.min() < 0 or rows.max() >= table.num_rows:
+      raise ValueError(f"host table {name!r}: rows outside [0, {table.num_rows})")
+    if len(np.unique(rows)) != len(rows):
+      raise ValueError(f"host table {name!r}: the batch uses a row twice ({rows.tolist()}); rows must be distinct "
+                       f"(sample distinct classes per batch, sampler 'm_per_class')")
+    return rows
+
+  def load(self, state: dict, rows: np.ndarray) -> dict:
+    """The train state with the buffers holding table[rows] and their moments moments[rows]."""
+    p_leaves, p_def, buffers, o_leaves, o_def, moments = self._slots(state)
+    for name in self.tables:
+      old = p_leaves[buffers[name]]
+      r = self._check_rows(name, rows, old.shape[0])
+      p_leaves[buffers[name]] = jax.device_put(self.values[name][r], old.sharding)
+      for key, i in moments[name].items():
+        table = self.moments[name].get(key)
+        if table is None:  # zeros, as a fresh optimizer state; untouched pages cost no memory
+          table = self.moments[name][key] = np.zeros_like(self.values[name])
+        o_leaves[i] = jax.device_put(table[r], o_leaves[i].sharding)
+    return {**state, "params": jax.tree.unflatten(p_def, p_leaves),
+            "opt_state": jax.tree.unflatten(o_def, o_leaves)}
+
+  def store(self, state: dict, rows: np.ndarray) -> None:
+    """Writes the buffers' values and moments of the finished step back to table[rows]."""
+    p_leaves, _, buffers, o_leaves, _, moments = self._slots(state)
+    fetched = jax.device_get({name: (p_leaves[buffers[name]], {k: o_leaves[i] for k, i in moments[name].items()})
+                              for name in self.tables})
+    for name, (value, moment_values) in fetched.items():
+      r = self._check_rows(name, rows, value.shape[0])
+      self.values[name][r] = value
+      for key, m in moment_values.items():
+        if key not in self.moments[name]:
+          self.moments[name][key] = np.zeros_like(self.values[name])
+        self.moments[name][key][r] = m
+
+  # -- checkpoints ------------------------------------------------------------------------------------
+
+  def state_dict(self) -> dict[str, dict[str, Any]]:
+    """{table: {'value': [N, ...], 'moments': {'base__0__mu': [N, ...], ...}}} (numpy) for a checkpoint."""
+    return {name: {"value": self.values[name],
+                   "moments": {k.replace("/", _SEP): v for k, v in self.moments[name].items()}}
+            for name in self.tables}
+
+  def load_state_dict(self, saved: Mapping[str, Mapping[str, Any]]) -> None:
+    if set(saved) != set(self.tables):
+      raise ValueError(f"checkpoint holds host tables {sorted(saved)}, the method declares {sorted(self.tables)}")
+    for name, entries in saved.items():
+      value = np.asarray(entries["value"], np.float32)
+      if value.shape != self.values[name].shape:
+        raise ValueError(f"host table {name!r}: checkpoint shape {value.shape}, expected {self.values[name].shape}")
+      self.values[name] = value.copy()
+      self.moments[name] = {k.replace(_SEP, "/"): np.asarray(v, np.float32).copy()
+                            for k, v in (entries.get("moments") or {}).items()}
