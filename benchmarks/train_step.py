@@ -161,24 +161,7 @@ def run_torch(model: str, batch: int, steps: int, warmup: int, dtype: str) -> di
     opt.step()
     return loss
 
-  def sync():
-    if device == "cuda":
-      torch.cuda.synchronize()
-
-  t0 = time.perf_counter()
-  for _ in range(warmup):
-    loss = step()
-    sync()
-  warmup_s = time.perf_counter() - t0
-  times, cpu0 = [], _cpu_seconds()
-  for _ in range(steps):
-    t = time.perf_counter()
-    loss = step()
-    sync()
-    times.append(time.perf_counter() - t)
-  name = torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-  return dict(times=times, warmup_s=warmup_s, cpu_per_step=(_cpu_seconds() - cpu0) / steps, device=name,
-              loss=float(loss), versions=f"torch {torch.__version__}, timm {timm.__version__}")
+  return _time_torch(step, device, steps, warmup)
 
 
 def run_torch_vptsp(batch: int, steps: int, warmup: int, dtype: str) -> dict:
