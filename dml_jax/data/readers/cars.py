@@ -37,26 +37,10 @@ def detect(folder: str) -> str | None:
 
 def read(folder: str, layout: str, *, skip_missing: bool = False) -> DatasetSplits:
   if layout == _FOLDERS:
-    return _read_folders(folder, layout)
+    # Confusezius sorts the class folder names as Python strings; the first 98 of that order are exactly
+    # the official class ids 1-98 (specs/vptsp_dada.md §3.2).
+    return common.read_class_folders(NAME, folder, layout, num_classes=NUM_CLASSES, sort="string")
   return _read_annos(folder, layout, skip_missing=skip_missing)
-
-
-def _read_folders(folder: str, layout: str) -> DatasetSplits:
-  # Confusezius sorts the class folder names as Python strings; the first 98 of that order are exactly
-  # the official class ids 1-98 (specs/vptsp_dada.md §3.2).
-  images = os.path.join(folder, "images")
-  files, names = common.folder_per_class(NAME, images, num_train_classes=None, sort="string")
-  if len(names) != NUM_CLASSES:
-    common.log.warning("dataset %r: %s has %d class folders, the published dataset %d; splitting the first "
-                       "half for training", NAME, images, len(names), NUM_CLASSES)
-  if len(names) < 2:
-    raise DatasetLayoutError(NAME, f"{images} needs at least 2 class folders, found {len(names)}")
-  (tr_paths, tr_labels, tr_names), (te_paths, te_labels, te_names) = common.split_folder_classes(
-      files, names, len(names) // 2)
-  return DatasetSplits(
-      NAME, Records(FileStore(tr_paths), labels=tr_labels, roles="train", paths=tr_paths, class_names=tr_names),
-      Records(FileStore(te_paths), labels=te_labels, roles="test", paths=te_paths, class_names=te_names),
-      layout=layout, root=folder)
 
 
 def read_annotations(mat_path: str) -> tuple[list[str], np.ndarray]:

@@ -12,7 +12,7 @@ import numpy as np
 
 from dml_jax.data import decode
 from dml_jax.data.errors import DatasetLayoutError, MissingFilesError
-from dml_jax.data.records import Records
+from dml_jax.data.records import DatasetSplits, FileStore, Records
 
 log = logging.getLogger("dml_jax.data")
 
@@ -152,3 +152,23 @@ def drop_corrupt(dataset: str, records: Records, split: str, *, num_threads: int
 def read_lines(path: str) -> list[str]:
   with open(path, encoding="utf-8") as f:
     return [line.rstrip("\n\r") for line in f]
+
+
+def read_class_folders(dataset: str, folder: str, layout: str, *, num_classes: int, sort: str) -> DatasetSplits:
+  """Class folders in `sort` order (see folder_per_class); the first half of the classes train, the rest test.
+
+  Labels are the class position within each split (0..), files within a class sorted by name, as the
+  seeds read them (`._*` metadata files skipped).
+  """
+  images = os.path.join(folder, "images")
+  files, names = folder_per_class(dataset, images, num_train_classes=None, sort=sort)
+  if len(names) != num_classes:
+    log.warning("dataset %r: %s has %d class folders, the published dataset %d; splitting the first "
+                "half for training", dataset, images, len(names), num_classes)
+  if len(names) < 2:
+    raise DatasetLayoutError(dataset, f"{images} needs at least 2 class folders, found {len(names)}")
+  (tr_paths, tr_labels, tr_names), (te_paths, te_labels, te_names) = split_folder_classes(
+      files, names, len(names) // 2)
+  train = Records(FileStore(tr_paths), labels=tr_labels, roles="train", paths=tr_paths, class_names=tr_names)
+  test = Records(FileStore(te_paths), labels=te_labels, roles="test", paths=te_paths, class_names=te_names)
+  return DatasetSplits(dataset, train, test, layout=layout, root=folder)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 
-from dml_jax.data.errors import DatasetLayoutError
 from dml_jax.data.readers import common
-from dml_jax.data.records import DatasetSplits, FileStore, Records
+from dml_jax.data.records import DatasetSplits
 
 NAME = "cub200"
 DIR_NAMES = ("cub200", "CUB_200_2011", "CUB_200_2011/CUB_200_2011", "cub-200-2011", "cub_200_2011", "CUB200",
@@ -30,26 +29,6 @@ def detect(folder: str) -> str | None:
   return None
 
 
-def read_class_folders(dataset: str, folder: str, layout: str, *, num_classes: int) -> DatasetSplits:
-  """Class folders sorted by their integer prefix; the first half of the classes train, the rest test.
-
-  Labels are the class position within each split (0..), files within a class sorted by name, as the
-  seeds read them (`._*` metadata files skipped).
-  """
-  images = os.path.join(folder, "images")
-  files, names = common.folder_per_class(dataset, images, num_train_classes=None, sort="int_prefix")
-  if len(names) != num_classes:
-    common.log.warning("dataset %r: %s has %d class folders, the published dataset %d; splitting the first "
-                       "half for training", dataset, images, len(names), num_classes)
-  if len(names) < 2:
-    raise DatasetLayoutError(dataset, f"{images} needs at least 2 class folders, found {len(names)}")
-  (tr_paths, tr_labels, tr_names), (te_paths, te_labels, te_names) = common.split_folder_classes(
-      files, names, len(names) // 2)
-  train = Records(FileStore(tr_paths), labels=tr_labels, roles="train", paths=tr_paths, class_names=tr_names)
-  test = Records(FileStore(te_paths), labels=te_labels, roles="test", paths=te_paths, class_names=te_names)
-  return DatasetSplits(dataset, train, test, layout=layout, root=folder)
-
-
 def read(folder: str, layout: str, *, skip_missing: bool = False) -> DatasetSplits:
   del skip_missing  # files are listed from disk
-  return read_class_folders(NAME, folder, layout, num_classes=NUM_CLASSES)
+  return common.read_class_folders(NAME, folder, layout, num_classes=NUM_CLASSES, sort="int_prefix")

@@ -18,4 +18,4 @@ detect = cub.detect
 
 def read(folder: str, layout: str, *, skip_missing: bool = False) -> DatasetSplits:
   del skip_missing
-  return cub.read_class_folders(NAME, folder, layout, num_classes=NUM_CLASSES)
+  return common.read_class_folders(NAME, folder, layout, num_classes=NUM_CLASSES, sort="int_prefix")
