@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dml_jax.backbones.pretrained import PretrainedCfg
+from dml_jax.preprocessing import PretrainedCfg
 from dml_jax.backbones.registry import get_entry, get_pretrained_cfg
 from dml_jax.convert.errors import WeightsMismatchError
 from dml_jax.convert.families import convert

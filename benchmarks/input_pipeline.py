@@ -25,7 +25,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dml_jax.backbones.pretrained import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg  # noqa: E402
+from dml_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg  # noqa: E402
 from dml_jax.data import load_dataset, make_train_loader, prepare  # noqa: E402
 
 

@@ -12,7 +12,7 @@ train mode) on both sides.
          ProxyAnchorLoss + torch.optim.AdamW on one device (CUDA if available, else CPU with all
          cores); --dtype bfloat16 uses torch.autocast.
 
-Prompt tuning: `vit_s16_vptsp` is VPTSP-G (specs/vptsp_dada.md §1) on the same ViT-S/16 at the same
+Prompt tuning: `vit_s16_vptsp` is VPTSP-G (docs/methods/vptsp.md) on the same ViT-S/16 at the same
 batch, with the Cars196 ViT-S recipe (task prompts N = 80 in 11 blocks, class prompts m = 50 in 8 blocks,
 BitFit, GRU semantic proxies, E = 384, AdamW; batches of B/2 classes x 2): the frozen ViT gets no
 gradient, but the step runs two ViT passes (sample tower with task prompts, proxy tower with class
@@ -57,33 +57,44 @@ def _cpu_seconds() -> float:
   return t.user + t.system
 
 
+def _vptsp_cars_config():
+  """configs/vptsp_cars_vits.py (the official Cars ViT-S/16 setting) on a random-init ViT: no weights needed."""
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("vptsp_cars_vits", os.path.join(REPO, "configs", "vptsp_cars_vits.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.model.weights = ""
+  return c
+
+
 def run_ours(model: str, batch: int, steps: int, warmup: int, dtype: str) -> dict:
   import jax
   import numpy as np
 
   from dml_jax import methods
-  from dml_jax.train import optim, step as step_lib, tree as tree_lib
+  from dml_jax import pytree as tree_lib
+  from dml_jax.train import optim, step as step_lib
   from dml_jax.train.config import default_config
 
   vptsp = MODELS[model]["head"] == "vptsp"
   if vptsp:
-    from dml_jax.train.vptsp_recipes import vptsp_config
-    c = vptsp_config("cars196", "vit_s16")
+    c = _vptsp_cars_config()
     c.data.batch_size = batch
   else:
     c = default_config()
+    c.method = methods.method_config("metric_loss")
+    c.method.head = MODELS[model]["head"]
+    c.method.bn_freeze = False
     c.model.backbone = MODELS[model]["ours"]
-    c.model.head = MODELS[model]["head"]
     c.model.embedding_dim = EMBEDDING
-    c.model.bn_freeze = False
-    c.model.bn_affine_trainable = True
     c.optim.lr = LR
-    c.optim.warmup_epochs = 0
   c.compute_dtype = dtype
   method = methods.build(c, num_classes=NUM_CLASSES)
   params, method_state = method.init(jax.random.key(0))
-  plan = optim.ParamPlan(c.optim, list(tree_lib.flatten(params)), method_frozen=method.frozen_paths(params))
-  phase = plan.phase(0)
+  plan = optim.ParamPlan(c.optim, list(tree_lib.flatten(params)), selectors=method.param_selectors(params))
+  phase = plan.groups(0)
   mesh = step_lib.make_mesh()
   if batch % mesh.size:
     raise SystemExit(f"--batch {batch} must be a multiple of the {mesh.size} devices")
@@ -99,7 +110,7 @@ def run_ours(model: str, batch: int, steps: int, warmup: int, dtype: str) -> dic
   data = step_lib.shard_batch({"image": rng.normal(size=(batch, 224, 224, 3)).astype(np.float32),
                                "label": labels.astype(np.int32)}, mesh)
   lrs, epoch = step_lib.learning_rate_args(phase, 0)
-  update = cache.update_fn(phase)
+  update = cache.update_fn(phase, 0)
   t0 = time.perf_counter()
   for _ in range(warmup):
     state, metrics = update(state, data, lrs, epoch)
@@ -171,9 +182,12 @@ def run_torch_vptsp(batch: int, steps: int, warmup: int, dtype: str) -> dict:
   import torch
   import torch.nn.functional as F
 
-  from dml_jax.train.vptsp_recipes import VPTSP_RECIPES
-
-  r = VPTSP_RECIPES[("cars196", "vit_s16")]
+  c = _vptsp_cars_config()
+  o = c.method
+  r = dict(embed=c.model.embedding_dim, k=c.data.samples_per_class, lr=c.optim.lr, decay=c.optim.weight_decay,
+           lr_proxy=c.optim.groups[1][1]["lr"], alpha=o.proxy_bias_ratio,
+           prompts=(o.num_prompts, o.prompt_depth, o.prompt_block_step),
+           class_prompts=(o.num_class_prompts, o.class_prompt_depth, o.class_prompt_block_step))
   device = "cuda" if torch.cuda.is_available() else "cpu"
   if device == "cpu":
     torch.set_num_threads(os.cpu_count())

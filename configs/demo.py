@@ -13,6 +13,7 @@ Expected on 2 CPU cores: about a minute; Recall@1 rises from about 0.6 (random n
 above, MAP@R from about 0.2 to 0.5 and above (figures recorded in docs/benchmarks/train_step.md).
 """
 
+from dml_jax.methods import method_config
 from dml_jax.train.config import default_config
 
 
@@ -20,6 +21,12 @@ def get_config():
   c = default_config()
   c.seed = 0
   c.num_epochs = 16
+  c.method = method_config("metric_loss")
+  c.method.head = "linear"
+  c.method.bn_freeze = False  # a ViT has no BatchNorm
+  c.method.loss.name = "proxy_anchor"
+  c.method.loss.hparams.alpha = 32.0
+  c.method.loss.hparams.margin = 0.1
   c.dataset.name = "digits"
   c.dataset.image_size = 32
   c.dataset.resize_size = 32
@@ -35,17 +42,15 @@ def get_config():
   c.model.backbone_overrides.depth = 2
   c.model.backbone_overrides.embed_dim = 64
   c.model.backbone_overrides.num_heads = 2
-  c.model.head = "linear"
   c.model.embedding_dim = 64
-  c.model.bn_freeze = False
-  c.model.bn_affine_trainable = True
   c.optim.optimizer = "adamw"
   c.optim.lr = 1e-3
   c.optim.weight_decay = 1e-4
+  c.optim.clip_value = 10.0
   c.optim.schedule.name = "cosine"
   c.optim.schedule.t_max = 16
   c.optim.schedule.eta_min = 1e-5
-  c.optim.warmup_epochs = 0
+  c.optim.groups = (("loss/.*", dict(name="proxies", lr_mult=100.0)),)
   c.eval.protocol = ""  # the dataset's own: digits = leave-one-out over the test digits, Recall@1/2/4/8
   c.eval.metrics = ("recall", "map@r")
   c.eval.before_training = True

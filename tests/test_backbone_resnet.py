@@ -18,7 +18,7 @@ from timm.models.resnet import ResNet as TimmResNet
 
 from dml_jax.backbones import get_entry
 from dml_jax.backbones.batchnorm import BatchNorm, batch_stats_frozen, set_batch_stats_frozen
-from dml_jax.backbones.pretrained import PretrainedCfg
+from dml_jax.preprocessing import PretrainedCfg
 from dml_jax.backbones.resnet import PRETRAINED_CFGS, ResNet
 from dml_jax.convert import StateDictReader, WeightsMismatchError, strict_update
 from dml_jax.convert.resnet import from_torch

@@ -23,7 +23,7 @@ from timm.models.vision_transformer import _load_weights as timm_load_npz  # noq
 
 import convert_timm_weights as cli  # noqa: E402
 from dml_jax.backbones import create, get_entry, list_models  # noqa: E402
-from dml_jax.backbones.pretrained import PretrainedCfg  # noqa: E402
+from dml_jax.preprocessing import PretrainedCfg  # noqa: E402
 from dml_jax.convert.errors import WeightsMismatchError  # noqa: E402
 from dml_jax.convert.weights_dir import read_weights_dir, write_weights_dir  # noqa: E402
 

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from dml_jax.backbones.pretrained import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
+from dml_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
 from dml_jax.data import (CorruptImageError, GroupedSampler, MPerClassSampler, RandomSampler, load_dataset,
                           make_eval_loader, make_train_loader, synthetic, transforms)
 

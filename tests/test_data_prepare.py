@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from torchvision import transforms as T
 
-from dml_jax.backbones.pretrained import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
+from dml_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
 from dml_jax.data import load_dataset, make_train_loader, prepare, synthetic
 from dml_jax.data.__main__ import main as cli_main
 

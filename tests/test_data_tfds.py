@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from dml_jax.backbones.pretrained import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
+from dml_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
 from dml_jax.data import DatasetLayoutError, load_dataset, make_eval_loader, synthetic
 from dml_jax.data.tfds_source import read_tfds
 

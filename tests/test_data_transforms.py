@@ -11,7 +11,7 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from dml_jax.backbones.pretrained import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
+from dml_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
 from dml_jax.data import decode, synthetic, transforms
 
 

@@ -1,5 +1,5 @@
 """Metrics against independent references: pytorch-metric-learning's AccuracyCalculator, sklearn's NMI
-and numpy brute forces written from the specs (dnc_eval.md B.1-B.4, vptsp_dada.md 3.5)."""
+and numpy brute forces written from the definitions in docs/evaluation.md."""
 
 from __future__ import annotations
 

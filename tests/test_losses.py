@@ -1,10 +1,10 @@
-"""Parity of dml_jax.losses with pytorch-metric-learning (PML 2.9) and with references written from the specs.
+"""Parity of dml_jax.losses with pytorch-metric-learning (PML 2.9) and with references written from the authors' formulas.
 
 JAX runs in float32, the references in float64; values and gradients (w.r.t. embeddings and the loss's
 learnable parameters) must agree within 1e-5 relative to the reference's largest magnitude. Batches
 include singleton classes and proxies without positives. Sampling (distance-weighted margin loss) is
 tested in two parts: the loss given fixed triplets against PML, and the sampler's distribution against
-a numpy implementation of the D&C sampler (dnc_eval.md A.6). Sharding is checked in a subprocess with 8
+a numpy implementation of the D&C sampler (docs/methods/metric_loss.md). Sharding is checked in a subprocess with 8
 fake CPU devices.
 """
 
@@ -114,7 +114,7 @@ def test_proxy_anchor_matches_pml(config):
 
 
 def _proxy_anchor_from_spec(x, labels, proxies, num_pos: str):
-  """The formula of proxyisa_dfml.md 2 / vptsp_dada.md 1.5 in the authors' direct exp form (torch float64)."""
+  """The Proxy-Anchor formula (docs/methods/metric_loss.md, docs/methods/vptsp.md) in the authors' direct exp form (torch float64)."""
   xn = x / torch.sqrt((x**2).sum(1, keepdim=True) + 1e-12)
   pn = proxies / torch.sqrt((proxies**2).sum(1, keepdim=True) + 1e-12)
   cos = xn @ pn.T
@@ -128,7 +128,7 @@ def _proxy_anchor_from_spec(x, labels, proxies, num_pos: str):
 @pytest.mark.parametrize("pos_normalizer", ["present", "all"])
 @pytest.mark.parametrize("config", ["b32_c8_singletons", "b12_c40_absent"])
 def test_proxy_anchor_matches_spec_formula(config, pos_normalizer):
-  # 'all' (VPTSP's both_all mode) has no PML counterpart: the reference is the spec's formula.
+  # 'all' (VPTSP's both_all mode) has no PML counterpart: the reference is the authors' formula.
   x, labels, proxies = _inputs(config, seed=1)
   value, (gx, gp) = _value_and_grads(
       lambda e, p: dl.proxy_anchor_loss(e, jnp.asarray(labels), p, pos_normalizer=pos_normalizer), x, proxies)
@@ -293,7 +293,7 @@ def test_margin_loss_on_fixed_triplets_matches_pml(config, class_specific, nu):
 
 
 def _dnc_margin_loss(x, labels, beta, triplets, margin, nu):
-  """D&C `MarginLoss.forward` (global beta) from dnc_eval.md A.6, torch float64: the regulariser is
+  """D&C `MarginLoss.forward` (global beta) as the D&C code computes it, torch float64: the regulariser is
   divided by the pair count (PML adds nu * beta undivided, so PML is no reference here)."""
   a, p, n = triplets
   d_ap = torch.sqrt(((x[p] - x[a]) ** 2).sum(1) + 1e-8)
@@ -328,7 +328,7 @@ def test_margin_loss_without_active_pairs_is_zero_with_finite_gradients():
 
 
 def _numpy_dnc_weights(x, labels, cutoff=0.5, nonzero_loss_cutoff=1.4, eps=1e-6):
-  """D&C `DistanceWeightedSampler` weights (dnc_eval.md A.6), float64 numpy."""
+  """D&C `DistanceWeightedSampler` weights (as the D&C code computes them), float64 numpy."""
   n, d = x.shape
   prod = x @ x.T
   sq = np.maximum(np.diag(prod)[:, None] + np.diag(prod)[None, :] - 2 * prod, 0)

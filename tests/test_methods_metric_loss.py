@@ -15,12 +15,13 @@ TINY_RESNET = dict(layers=(1, 1), channels=(8, 16), stem_width=8)
 
 
 def method_config(backbone="vit_small_patch16_224", head="linear", overrides=None, *, bn_freeze=False,
-                  bn_affine_trainable=True, compute_dtype="float32", weights="", embedding_dim=32):
+                  compute_dtype="float32", weights="", embedding_dim=32):
   c = ml_collections.ConfigDict()
-  c.method = dict(name="metric_loss")
-  c.model = dict(backbone=backbone, weights=weights, backbone_overrides=dict(overrides or TINY_VIT), head=head,
-                 embedding_dim=embedding_dim, bn_freeze=bn_freeze, bn_affine_trainable=bn_affine_trainable)
-  c.loss = dict(name="proxy_anchor", hparams=dict(alpha=32.0, margin=0.1), param_options={})
+  c.method = methods.method_config("metric_loss")
+  c.method.head = head
+  c.method.bn_freeze = bn_freeze
+  c.model = dict(backbone=backbone, weights=weights, backbone_overrides=dict(overrides or TINY_VIT),
+                 embedding_dim=embedding_dim)
   c.compute_dtype = compute_dtype
   c.dataset = dict(image_size=32)
   return c
@@ -55,8 +56,7 @@ def test_linear_head_init_and_proxies_follow_the_seeds():
 
 
 def test_gap_gmp_head_and_frozen_batchnorm():
-  method = methods.build(method_config("resnet50", "gap_gmp_linear", TINY_RESNET, bn_freeze=True,
-                                       bn_affine_trainable=False), num_classes=5)
+  method = methods.build(method_config("resnet50", "gap_gmp_linear", TINY_RESNET, bn_freeze=True), num_classes=5)
   params, state = method.init(jax.random.key(0))
   batch = _batch()
   loss, (_, new_state) = jax.jit(lambda p, s: _loss(method, p, s, batch))(params, state)
@@ -64,13 +64,13 @@ def test_gap_gmp_head_and_frozen_batchnorm():
   # Frozen statistics: the training forward leaves them untouched.
   for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(state)):
     np.testing.assert_array_equal(a, b)
-  frozen = method.frozen_paths(params)
-  assert "model/backbone/bn1/scale" in frozen and "model/backbone/layer1/0/bn3/bias" in frozen
-  assert not any("conv" in p for p in frozen)
+  batchnorm = method.param_selectors(params)["batchnorm"]  # what '@batchnorm' in a group rule names
+  assert "model/backbone/bn1/scale" in batchnorm and "model/backbone/layer1/0/bn3/bias" in batchnorm
+  assert not any("conv" in p for p in batchnorm)
 
   # The embedding is L2(Linear(GAP + GMP of the feature map)), recomputed here from the feature map.
   def feature_map(params, state, images):
-    return method._split.merge(params["model"], state["model"], train=False).backbone.forward_features(images)
+    return method.model.merge(params["model"], state["model"], train=False).backbone.forward_features(images)
 
   fmap = np.asarray(jax.jit(feature_map)(params, state, batch["image"]))  # [B, h, w, C]
   pooled = fmap.mean(axis=(1, 2)) + fmap.max(axis=(1, 2))
@@ -87,7 +87,6 @@ def test_batchnorm_statistics_update_when_not_frozen():
   _, (_, new_state) = jax.jit(lambda p, s: _loss(method, p, s, batch))(params, state)
   changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(state))]
   assert all(changed)
-  assert method.frozen_paths(params) == set()
 
 
 def test_bfloat16_compute_keeps_float32_gradients():

@@ -1,6 +1,6 @@
 """Host row tables (VPTSP's prompt memory bank): lazy row-sparse updates through the engine's update step.
 
-References, written here from the spec (specs/vptsp_dada.md §1.8) and not calling dml_jax's optimizer code:
+References, written here from the authors' mechanism (docs/methods/vptsp.md) and not calling dml_jax's optimizer code:
   * torch: the official mechanism itself, a CPU table and CPU moment bank, a small buffer Parameter that
     receives the batch's rows and moments before `AdamW.step()` / `SGD.step()` and gives them back after;
   * optax.adamw on the whole table when every row is in every batch (then lazy == dense).
@@ -16,10 +16,10 @@ import optax
 import pytest
 import torch
 
-from dml_jax.methods import Method
-from dml_jax.methods.host_tables import HostRowTable
-from dml_jax.train import optim, step as step_lib, tree as tree_lib
-from dml_jax.train.row_sparse import HostRowBank
+from dml_jax import pytree as tree_lib
+from dml_jax.methods import HostBatch, Method
+from dml_jax.methods.row_sparse import HostRowTable, RowSparseTables
+from dml_jax.train import optim, step as step_lib
 
 NUM_ROWS, ROW_SHAPE, BATCH_ROWS = 6, (2, 3), 3
 BUFFER = "model/bank_rows"
@@ -45,7 +45,7 @@ class LinearProbe(Method):
                         "bank_rows": jnp.zeros((self.buffer_rows,) + ROW_SHAPE, jnp.float32)}}
     return params, {}
 
-  def loss_fn(self, params, method_state, batch, rng, step_info):
+  def loss_fn(self, params, method_state, batch, rng, info):
     model = params["model"]
     loss = jnp.sum(model["dense"] * batch["g_dense"]) + jnp.sum(model["bank_rows"] * batch["g_rows"])
     return loss, ({}, method_state)
@@ -66,18 +66,19 @@ def _engine_run(optimizer, weight_decay, row_schedule, lrs, grads, buffer_rows):
   keys = tree_lib.key_index(params)
   cfg = ml_collections.ConfigDict(dict(optimizer=optimizer, lr=lrs[0], weight_decay=weight_decay, momentum=0.9,
                                        schedule=dict(name="constant")))
-  phase = optim.ParamPlan(cfg, list(keys)).phase(0)
-  state = step_lib.init_train_state(params, method_state, optim.init_group_states(phase, params),
+  groups = optim.ParamPlan(cfg, list(keys)).groups(0)
+  state = step_lib.init_train_state(params, method_state, optim.init_group_states(groups, params),
                                     jax.random.key(0))
-  update = jax.jit(step_lib.build_update_fn(method, phase, keys))
+  update = jax.jit(step_lib.build_update_fn(method, groups, method.phases(0), keys))
   table = HostRowTable(BUFFER, NUM_ROWS, ROW_SHAPE, _table_init)
-  bank = HostRowBank({"rows": table}, keys, seed=0)
+  # The batch's "labels" are the table rows themselves here.
+  bank = RowSparseTables({"rows": table}, params, lambda batch: np.asarray(batch.label), seed=0)
   initial = bank.values["rows"].copy()
   for rows, lr, g in zip(row_schedule, lrs, grads):
-    rows = np.asarray(rows)
-    state = bank.load(state, rows)
+    batch = HostBatch(label=np.asarray(rows), index=np.arange(len(rows)))
+    state = bank.before_step(state, batch)
     state, _ = update(state, {k: jnp.asarray(v) for k, v in g.items()}, {"base": np.float32(lr)}, np.int32(0))
-    bank.store(state, rows)
+    bank.after_step(state, batch)
   return initial, bank, np.asarray(state["params"]["model"]["dense"])
 
 
@@ -166,13 +167,14 @@ def test_all_rows_every_step_equals_dense_adamw():
 
 
 def test_repeated_rows_and_checkpoint_round_trip():
-  keys = {BUFFER: ("model", "bank_rows"), DENSE: ("model", "dense")}
-  bank = HostRowBank({"rows": HostRowTable(BUFFER, NUM_ROWS, ROW_SHAPE, _table_init)}, keys, seed=1)
+  params = {"model": {"bank_rows": np.zeros((3,) + ROW_SHAPE), "dense": np.zeros(4)}}
+  rows_of = lambda batch: batch.label  # noqa: E731
+  bank = RowSparseTables({"rows": HostRowTable(BUFFER, NUM_ROWS, ROW_SHAPE, _table_init)}, params, rows_of, seed=1)
   with pytest.raises(ValueError, match="twice"):
     bank._check_rows("rows", np.array([1, 1, 2]), 3)
   bank.moments["rows"]["base/0/mu"] = np.ones((NUM_ROWS,) + ROW_SHAPE, np.float32)
   saved = bank.state_dict()
-  other = HostRowBank({"rows": HostRowTable(BUFFER, NUM_ROWS, ROW_SHAPE, _table_init)}, keys, seed=2)
+  other = RowSparseTables({"rows": HostRowTable(BUFFER, NUM_ROWS, ROW_SHAPE, _table_init)}, params, rows_of, seed=2)
   assert not np.array_equal(other.values["rows"], bank.values["rows"])
   other.load_state_dict(saved)
   np.testing.assert_array_equal(other.values["rows"], bank.values["rows"])

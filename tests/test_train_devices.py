@@ -24,7 +24,8 @@ _SCRIPT = textwrap.dedent("""
     import importlib.util, json, sys
     import numpy as np
     import jax
-    from dml_jax.train import loop, tree as tree_lib
+    from dml_jax import pytree as tree_lib
+    from dml_jax.train import loop
     import orbax.checkpoint as ocp
 
     spec = importlib.util.spec_from_file_location("demo", "configs/demo.py")
@@ -39,8 +40,8 @@ _SCRIPT = textwrap.dedent("""
       if name == "resnet":
         c.model.backbone = "resnet50"
         c.model.backbone_overrides = dict(layers=(1, 1), channels=(8, 16), stem_width=8)
-        c.model.head = "gap_gmp_linear"
-        c.model.bn_freeze = False
+        c.method.head = "gap_gmp_linear"
+        c.method.bn_freeze = False
       workdir = f"{out}/{name}"
       loop.fit(c, workdir)
       records = [json.loads(l) for l in open(f"{workdir}/metrics.jsonl")]

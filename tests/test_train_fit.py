@@ -13,7 +13,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from dml_jax.train import loop, tree as tree_lib
+from dml_jax import pytree as tree_lib
+from dml_jax.train import loop
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -58,7 +59,9 @@ def test_resume_after_an_epoch_gives_identical_losses_and_frozen_stays_bit_ident
   # Block 0 frozen for good; a warm-up epoch trains only the head and the proxies, so the resume also
   # crosses the change of the trainable set (fresh optimizer state for the backbone from epoch 1).
   frozen = "model/backbone/blocks/0/.*"
-  changes = {"optim.frozen": frozen, "optim.warmup_epochs": 1}
+  changes = {"optim.groups": ((frozen, dict(name="frozen_block", frozen=True)),
+                              ("model/backbone/.*", dict(name="backbone", start_epoch=1)),
+                              ("loss/.*", dict(name="proxies", lr_mult=100.0)))}
   cfg = tiny_config(**changes)
   loop.fit(cfg, tmp_path / "full")
 
@@ -84,7 +87,7 @@ def test_resume_after_an_epoch_gives_identical_losses_and_frozen_stays_bit_ident
   assert any(not np.array_equal(final[p], initial[p]) for p in trained)
   opt_paths = [p for p in tree_lib.flatten(state["opt_state"])]
   assert opt_paths and not any("blocks/0/" in p for p in opt_paths)
-  assert sorted(state["opt_state"]) == ["base", "base_from_epoch1", "loss_params"]
+  assert sorted(state["opt_state"]) == ["backbone_from_epoch1", "base", "proxies"]
 
   # NaN guard: a NaN learning rate poisons the parameters in the first step of epoch 2; the next loss is
   # NaN, training stops naming that step, and the last checkpoint on disk stays the good one (step 6).

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from dml_jax.methods import Method
-from dml_jax.train import optim, step as step_lib, tree as tree_lib
+from dml_jax import pytree as tree_lib
+from dml_jax.train import optim, step as step_lib
 from dml_jax.train.schedules import EpochSchedule
 
 SHAPES = {"model/backbone/w": (3, 4), "model/backbone/bn/scale": (4,), "model/head/kernel": (4, 2),
@@ -41,7 +42,7 @@ class LinearProbe(Method):
   def init(self, rng):
     return tree_lib.nest({p: jnp.asarray(v) for p, v in self._params.items()}, KEYS), {}
 
-  def loss_fn(self, params, method_state, batch, rng, step_info):
+  def loss_fn(self, params, method_state, batch, rng, info):
     flat = tree_lib.flatten(params)
     loss = sum(jnp.sum(flat[p] * batch[p.replace("/", "__")][0]) for p in flat)
     return loss, ({}, method_state)
@@ -52,8 +53,8 @@ class LinearProbe(Method):
 
 def _optim_config(**kw):
   c = dict(optimizer="adam", lr=1e-2, weight_decay=1e-2, b1=0.9, b2=0.999, eps=1e-8, momentum=0.9, nesterov=False,
-           clip_value=2.0, schedule=dict(name="step", step_size=1, gamma=0.5), warmup_epochs=0,
-           warmup_trainable="", frozen="", groups=(("loss/.*", dict(name="proxies", lr_mult=100.0)),))
+           clip_value=2.0, schedule=dict(name="step", step_size=1, gamma=0.5),
+           groups=(("loss/.*", dict(name="proxies", lr_mult=100.0)),))
   c.update(kw)
   return ml_collections.ConfigDict(c)
 
@@ -64,21 +65,22 @@ def _run_ours(cfg, params0, grads, steps_per_epoch):
   plan = optim.ParamPlan(cfg, list(tree_lib.flatten(params)))
   mesh = step_lib.make_mesh(jax.devices()[:1])
   cache = step_lib.StepCache(method, mesh, tree_lib.key_index(params), donate=False)
-  phase, opt_state = None, None
+  groups, opt_state = None, None
   state = None
   history = []
   for t, g in enumerate(grads):
     epoch = t // steps_per_epoch
-    new_phase = plan.phase(epoch)
-    if new_phase != phase:
+    new_groups = plan.groups(epoch)
+    if new_groups != groups:
       cur_params = params if state is None else state["params"]
-      opt_state = optim.init_group_states(new_phase, cur_params, None if state is None else state["opt_state"], phase)
-      phase = new_phase
+      opt_state = optim.init_group_states(new_groups, cur_params, None if state is None else state["opt_state"],
+                                          groups)
+      groups = new_groups
       state = step_lib.init_train_state(cur_params, mstate, opt_state, jax.random.key(0),
                                         step=0 if state is None else int(state["step"]))
-    lrs, ep = step_lib.learning_rate_args(phase, epoch)
+    lrs, ep = step_lib.learning_rate_args(groups, epoch)
     batch = step_lib.shard_batch({p.replace("/", "__"): v[None] for p, v in g.items()}, mesh)
-    state, _ = cache.update_fn(phase)(state, batch, lrs, ep)
+    state, _ = cache.update_fn(groups, epoch)(state, batch, lrs, ep)
     history.append({p: np.asarray(v) for p, v in tree_lib.flatten(state["params"]).items()})
   return history, state
 
@@ -136,7 +138,8 @@ def test_warmup_unfreeze_starts_fresh_adam_count_like_torch():
   # Backbone frozen in epoch 0 (no update, no weight decay, no state); from epoch 1 its Adam state
   # starts at t = 1 while head and proxies continue at t = 3, as torch's per-parameter state does.
   params0, grads = _init_params(), _grads(6)
-  cfg = _optim_config(optimizer="adamw", warmup_epochs=1, warmup_trainable="model/head/.*|loss/.*")
+  cfg = _optim_config(optimizer="adamw", groups=(("model/backbone/.*", dict(name="backbone", start_epoch=1)),
+                                                 ("loss/.*", dict(name="proxies", lr_mult=100.0))))
   ours, state = _run_ours(cfg, params0, grads, steps_per_epoch=2)
   ref = _run_torch("adamw", params0, grads, 2, lr=1e-2, wd=1e-2, clip=2.0, warmup=1,
                    warm_trainable=("model/head/kernel", "loss/proxies"))
@@ -145,12 +148,13 @@ def test_warmup_unfreeze_starts_fresh_adam_count_like_torch():
       np.testing.assert_allclose(a[p], b[p], rtol=2e-5, atol=3e-5, err_msg=f"step {t} {p}")
   np.testing.assert_array_equal(ours[1]["model/backbone/w"], params0["model/backbone/w"])
   counts = {label: int(next(x for x in s if isinstance(x, optax.ScaleByAdamState)).count) for label, s in state["opt_state"].items()}
-  assert counts == {"base": 6, "base_from_epoch1": 4, "proxies": 6}
+  assert counts == {"base": 6, "backbone_from_epoch1": 4, "proxies": 6}
 
 
 def test_frozen_parameter_untouched_and_stateless():
   params0, grads = _init_params(), _grads(4)
-  cfg = _optim_config(optimizer="adamw", frozen="model/backbone/bn/.*")
+  cfg = _optim_config(optimizer="adamw", groups=(("model/backbone/bn/.*", dict(name="bn", frozen=True)),
+                                                 ("loss/.*", dict(name="proxies", lr_mult=100.0))))
   ours, state = _run_ours(cfg, params0, grads, steps_per_epoch=2)
   final = ours[-1]["model/backbone/bn/scale"]
   assert final.tobytes() == params0["model/backbone/bn/scale"].tobytes()
@@ -203,9 +207,11 @@ def test_bad_group_rules_name_close_matches():
 
 
 def test_plan_describe_lists_groups():
-  plan = optim.ParamPlan(_optim_config(warmup_epochs=2, warmup_trainable="model/head/.*|loss/.*",
-                                       frozen="model/backbone/bn/.*"), list(SHAPES))
+  plan = optim.ParamPlan(_optim_config(groups=(
+      ("model/backbone/bn/.*", dict(name="bn", frozen=True)),
+      ("model/backbone/.*", dict(name="backbone", start_epoch=2)),
+      ("loss/.*", dict(name="proxies", lr_mult=100.0, stop_epoch=5)))), list(SHAPES))
   text = plan.describe(_init_params())
-  assert "from epoch 2" in text and "never (frozen)" in text and "proxies" in text
-  assert plan.change_epochs() == [2]
-  assert math.isinf(plan.start_epoch["model/backbone/bn/scale"])
+  assert "from epoch 2" in text and "never (frozen)" in text and "from epoch 0 to 4" in text
+  assert plan.change_epochs() == [2, 5]
+  assert math.isinf(plan.window["model/backbone/bn/scale"][0])

@@ -1,4 +1,4 @@
-"""VPTSP-G on a tiny ViT against references written here from specs/vptsp_dada.md §1.3-1.5 (torch / numpy).
+"""VPTSP-G on a tiny ViT against references written here from the authors' code (torch / numpy).
 
 The torch reference follows the official code's structure (prompts in front of the cls token, the
 `Simple_GRUCell` gate convention, the container update, the `both_all` Proxy-Anchor normaliser) on a timm
@@ -27,10 +27,11 @@ from dml_jax.backbones.registry import get_pretrained_cfg  # noqa: E402
 from dml_jax.convert import vit as convert_vit  # noqa: E402
 from dml_jax.convert.state_dict_reader import StateDictReader  # noqa: E402
 from dml_jax.convert.weights_dir import write_weights_dir  # noqa: E402
-from dml_jax.methods import StepInfo  # noqa: E402
+from dml_jax import pytree as tree_lib  # noqa: E402
+from dml_jax.methods import HostBatch, StepInfo  # noqa: E402
 from dml_jax.methods import vptsp  # noqa: E402
-from dml_jax.train import tree as tree_lib  # noqa: E402
-from dml_jax.train.config import default_config  # noqa: E402
+from dml_jax.train import optim  # noqa: E402
+from dml_jax.train.config import check_config, default_config  # noqa: E402
 
 TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)
 EMBED, CLASSES, K = 48, 6, 2
@@ -39,10 +40,12 @@ LABELS = np.array([0, 0, 3, 3, 1, 1, 5, 5], np.int32)  # classes 2 and 4 absent:
 
 def tiny_config(weights: str = "", **method) -> ml_collections.ConfigDict:
   c = default_config()
-  c.method = ml_collections.ConfigDict(dict(
-      name="vptsp", num_prompts=4, prompt_depth=2, prompt_block_step=1, num_class_prompts=3, class_prompt_depth=2,
-      class_prompt_block_step=1, proxy_bias_ratio=0.3, semantic_mix="gru_relu", rnn_dropout=0.0, bitfit=True,
-      memory_bank=False))
+  c.method = methods.method_config("vptsp")
+  c.method.update(dict(num_prompts=4, prompt_depth=2, prompt_block_step=1, num_class_prompts=3, class_prompt_depth=2,
+                       class_prompt_block_step=1, proxy_bias_ratio=0.3, semantic_mix="gru_relu", rnn_dropout=0.0,
+                       memory_bank=False))
+  c.method.loss.pos_normalizer = "all"
+  c.method.unlock()
   c.method.update(method)
   c.model.backbone = "vit_small_patch16_224"
   c.model.backbone_overrides = ml_collections.ConfigDict(TINY)
@@ -51,8 +54,17 @@ def tiny_config(weights: str = "", **method) -> ml_collections.ConfigDict:
   c.data.sampler = "m_per_class"
   c.data.batch_size = len(LABELS)
   c.data.samples_per_class = K
-  c.loss.hparams = ml_collections.ConfigDict(dict(alpha=32.0, margin=0.1, pos_normalizer="all"))
   return c
+
+
+def _released_config():
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "vptsp_cub_vits.py"
+  spec = importlib.util.spec_from_file_location("vptsp_cub_vits", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def _timm_tiny(seed: int = 0) -> TimmViT:
@@ -79,7 +91,7 @@ def _images(seed: int = 0) -> np.ndarray:
   return np.random.RandomState(seed).randn(len(LABELS), 32, 32, 3).astype(np.float32)
 
 
-# -- torch reference, from the spec ---------------------------------------------------------------------
+# -- torch reference, from the authors' code ------------------------------------------------------------------
 
 
 def _t(x, grad=True):
@@ -142,7 +154,7 @@ def torch_reference(tm: TimmViT, flat: dict, semantic: np.ndarray, images: np.nd
   a = opts["alpha"]
   proxies = F.normalize(leaf["model/proxy_bias"] * a + container * (1 - a), dim=-1)
 
-  # §1.5: both terms are divided by C, the number of ALL classes.
+  # The code's both_all mode: both terms are divided by C, the number of ALL classes.
   sims = F.normalize(emb, dim=-1) @ proxies.T  # [B, C]
   pos = F.one_hot(y, proxies.shape[0]).bool()
   num_classes = proxies.shape[0]
@@ -199,7 +211,10 @@ def test_registered_and_layout(tiny):
   np.testing.assert_allclose(np.linalg.norm(semantic, axis=1), 1.0, rtol=1e-6)
   # O = xavier_uniform / 8: every entry within sqrt(6 / (C + E)) / 8.
   assert np.abs(flat["model/proxy_bias"]).max() <= math.sqrt(6 / (CLASSES + EMBED)) / 8
-  frozen = method.frozen_paths(params)
+  # The released configs' freezing rule keeps exactly the ViT biases trainable (BitFit, `'bias' in name`).
+  rule = next(r for r in _released_config().optim.groups if r[1]["name"] == "frozen_vit")
+  plan = optim.ParamPlan(ml_collections.ConfigDict(dict(optimizer="adamw", lr=1e-3, groups=(rule,))), list(flat))
+  frozen = set(plan.groups(0).frozen)
   trainable_backbone = sorted(p for p in flat if p.startswith("model/backbone/") and p not in frozen)
   assert trainable_backbone and all(p.endswith("/bias") for p in trainable_backbone)
   assert "model/backbone/blocks/0/attn/qkv/kernel" in frozen and "model/backbone/pos_embed" in frozen
@@ -245,13 +260,13 @@ def test_memory_bank_buffers_give_the_dense_loss_and_row_gradients(tiny):
   method, params, state, _, value_and_grad, weights = tiny
   bank_method = methods.build(tiny_config(weights=weights, memory_bank=True), num_classes=CLASSES)
   bank_params, _ = bank_method.init(jax.random.key(0))
-  tables = bank_method.host_row_tables()
+  tables = bank_method.host_state().tables
   assert sorted(tables) == ["class_prompts_00", "class_prompts_01"]
   assert tables["class_prompts_01"].row_shape == (2, 64) and tables["class_prompts_01"].num_rows == CLASSES
-  rows = bank_method.batch_rows(LABELS)
+  rows = bank_method.batch_rows(HostBatch(label=LABELS, index=np.arange(len(LABELS))))
   np.testing.assert_array_equal(rows, [0, 3, 1, 5])
   with pytest.raises(ValueError, match="contiguous"):
-    bank_method.batch_rows(np.array([0, 3, 0, 3, 1, 1, 5, 5]))
+    bank_method.batch_rows(HostBatch(label=np.array([0, 3, 0, 3, 1, 1, 5, 5]), index=np.arange(8)))
   flat = tree_lib.flatten(params)
   bank_flat = tree_lib.flatten(bank_params)
   buffers = {}
@@ -312,7 +327,7 @@ def test_positive_normaliser_counts_all_classes():
   labels = np.array([0, 0, 2, 2, 5, 5])
   s = emb @ prox.T
   pos = labels[:, None] == np.arange(num_classes)[None]
-  # §1.5 written out: sums over classes, BOTH divided by C = 7 (not by the 3 classes present).
+  # both_all written out: sums over classes, BOTH divided by C = 7 (not by the 3 classes present).
   l_pos = sum(np.log1p(np.exp(-32 * (s[pos[:, c], c] - 0.1)).sum()) for c in range(num_classes) if pos[:, c].any())
   l_neg = sum(np.log1p(np.exp(32 * (s[~pos[:, c], c] + 0.1)).sum()) for c in range(num_classes))
   expected = (l_pos + l_neg) / num_classes
@@ -330,7 +345,7 @@ def test_config_errors_name_the_key():
   c = tiny_config()
   c.method.num_prompt = 3  # the YAML spelling
   with pytest.raises(ValueError, match="num_prompts"):
-    methods.build(c, num_classes=CLASSES)
+    check_config(c)
   c = tiny_config()
   c.data.sampler = "random"
   with pytest.raises(ValueError, match="m_per_class"):
@@ -342,7 +357,7 @@ def test_config_errors_name_the_key():
 
 
 def test_ema_variant_updates_the_batch_classes():
-  # VPTSP-M (`semantic_mix='mix'`): S[U] <- 0.8 S[U] + 0.2 mean_k(p), then every row L2-normalised (§1.4).
+  # VPTSP-M (`semantic_mix='mix'`): S[U] <- 0.8 S[U] + 0.2 mean_k(p), then every row L2-normalised.
   method = methods.build(tiny_config(semantic_mix="mix", mix_keep_ratio=0.8), num_classes=CLASSES)
   rng = np.random.default_rng(2)
   semantic = rng.normal(size=(CLASSES, EMBED)).astype(np.float32)

@@ -20,18 +20,22 @@ from flax import nnx
 from dml_jax import backbones, methods
 from dml_jax.backbones.registry import get_pretrained_cfg
 from dml_jax.convert.weights_dir import model_shapes, write_weights_dir
-from dml_jax.methods import vptsp  # noqa: F401 (registers 'vptsp')
-from dml_jax.train import loop, optim, row_sparse, step as step_lib, tree as tree_lib
-from dml_jax.train.vptsp_recipes import VPTSP_RECIPES, vptsp_config
+from dml_jax import pytree as tree_lib
+from dml_jax.train import loop, optim, step as step_lib
+from dml_jax.train.config import check_config
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)
 LABELS = np.array([0, 0, 3, 3, 1, 1, 5, 5], np.int32)
 
 
+def vptsp_cars_config() -> ml_collections.ConfigDict:
+  return _load_config(os.path.join(CONFIG_DIR, "vptsp_cars_vits.py"))
+
+
 def tiny_cars_config() -> ml_collections.ConfigDict:
   """The Cars ViT-S recipe on a tiny ViT (depth 2, width 64, 32 px), 8-image batches of 4 classes x 2."""
-  c = vptsp_config("cars196", "vit_s16")
+  c = vptsp_cars_config()
   c.dataset.image_size = 32
   c.dataset.resize_size = 32
   c.data.batch_size = 8
@@ -51,27 +55,55 @@ def _load_config(path):
   return module.get_config()
 
 
-def test_released_configs_follow_the_recipes():
+# The official settings, written out from `Noahsark/ParameterEfficient-DML` config/*.yaml (over its params.py
+# defaults): (batch, k, optimizer, lr, lr_proxy, decay, epochs, t_max, eta_min, (N, depth, step),
+# (m, p_depth, p_step), alpha, rnn_dropout, memory bank, eval_start, embedding).
+OFFICIAL_YAML = {
+    "vptsp_cub_vits": (64, 2, "sgd", 5e-3, 0.1, 1e-6, 15, 50, 1e-8, (10, 12, 0), (3, 12, 0), 0.5, 0.0, False, 5, 384),
+    "vptsp_cub_vitb": (64, 2, "sgd", 1e-3, 0.01, 1e-6, 60, 100, 1e-7, (20, 12, 0), (5, 4, 5), 0.4, 0.0, False, 30, 512),
+    "vptsp_cars_vits": (64, 2, "adamw", 5e-4, 0.01, 0.0, 50, 50, 1e-6, (80, 11, 2), (50, 8, 2), 0.7, 0.0, False, 35,
+                        384),
+    "cars_vitb": (64, 2, "adamw", 5e-4, 0.01, 0.0, 60, 50, 1e-6, (80, 10, 2), (50, 8, 2), 0.1, 0.0, False, 40, 512),
+    "vptsp_sop_vits": (32, 1, "adamw", 1e-4, 0.05, 1e-4, 120, 120, 5e-5, (90, 12, 0), (5, 12, 0), 0.2, 0.1, True, 30,
+                       384),
+    "vptsp_sop_vitb": (32, 1, "adamw", 1e-4, 0.05, 1e-4, 120, 120, 1e-7, (90, 12, 5), (5, 8, 0), 0.2, 0.5, True, 30,
+                       512),
+    "vptsp_inshop_vits": (32, 1, "adamw", 1e-4, 0.05, 1e-7, 80, 100, 5e-6, (90, 12, 0), (80, 12, 0), 0.2, 0.1, True,
+                          40, 384),
+    "vptsp_inshop_vitb": (32, 1, "adamw", 1e-4, 0.05, 0.0, 75, 100, 1e-6, (90, 12, 0), (60, 12, 0), 0.3, 0.0, True,
+                          20, 512),
+    "vptsp_inat_vitb": (64, 1, "adamw", 1e-4, 0.05, 0.0, 40, 50, 1e-6, (90, 12, 5), (10, 12, 0), 0.2, 0.0, True, 5,
+                        512),
+}
+
+
+def test_released_configs_equal_the_official_yaml_values():
   paths = sorted(glob.glob(os.path.join(CONFIG_DIR, "vptsp_*.py"))) + [os.path.join(CONFIG_DIR, "cars_vitb.py")]
-  assert len(paths) == 9
-  seen = set()
+  assert sorted(os.path.basename(p)[:-3] for p in paths) == sorted(OFFICIAL_YAML)
   for path in paths:
+    name = os.path.basename(path)[:-3]
+    (batch, k, opt, lr, lr_proxy, decay, epochs, t_max, eta_min, prompts, class_prompts, alpha, dropout, bank,
+     eval_start, embed) = OFFICIAL_YAML[name]
     c = _load_config(path)
-    assert c.method.name == "vptsp" and c.loss.hparams.pos_normalizer == "all"
-    backbone = "vit_s16" if c.model.backbone.startswith("vit_small") else "vit_b16"
-    seen.add((c.dataset.name, backbone))
-    r = VPTSP_RECIPES[(c.dataset.name, backbone)]
-    assert (c.data.batch_size, c.data.samples_per_class, c.optim.optimizer, c.optim.lr) == (
-        r["batch"], r["k"], r["optimizer"], r["lr"])
-    assert c.optim.groups == (("model/proxy_bias", dict(name="proxy_bias", lr=r["lr_proxy"])),)
-    assert c.method.memory_bank == r["bank"] and c.model.embedding_dim == r["embed"]
-    assert c.eval.options.map_r_variant == "class_size" and c.eval.start_epoch == r["eval_start"]
-    assert c.model.weights == f"weights/{backbone}_in21k"
+    o = c.method
+    assert o.name == "vptsp" and o.semantic_mix == "gru_relu" and o.loss.pos_normalizer == "all", name
+    assert (c.data.batch_size, c.data.samples_per_class, c.data.sampler) == (batch, k, "m_per_class"), name
+    assert (c.optim.optimizer, c.optim.lr, c.optim.weight_decay, c.num_epochs) == (opt, lr, decay, epochs), name
+    assert (c.optim.schedule.name, c.optim.schedule.t_max, c.optim.schedule.eta_min) == ("cosine", t_max, eta_min)
+    assert (o.num_prompts, o.prompt_depth, o.prompt_block_step) == prompts, name
+    assert (o.num_class_prompts, o.class_prompt_depth, o.class_prompt_block_step) == class_prompts, name
+    assert (o.proxy_bias_ratio, o.rnn_dropout, o.memory_bank) == (alpha, dropout, bank), name
+    assert (c.eval.start_epoch, c.model.embedding_dim) == (eval_start, embed), name
+    assert c.optim.groups == (("model/backbone/(?!.*bias$).*", dict(name="frozen_vit", frozen=True)),
+                              ("model/proxy_bias", dict(name="proxy_bias", lr=lr_proxy))), name
+    assert c.optim.clip_value == 0.0 and c.optim.momentum == 0.9 and c.seed == 0
+    assert c.data.interpolation == "bilinear" and c.eval.options.map_r_variant == "class_size"
+    small = "vit_small" in c.model.backbone
+    assert c.model.weights == ("weights/vit_s16_in21k" if small else "weights/vit_b16_in21k")
     doc = open(path).read()
-    assert f"python train.py --config configs/{os.path.basename(path)}" in doc and "convert_timm_weights.py" in doc
+    assert f"python train.py --config configs/{name}.py" in doc and "convert_timm_weights.py" in doc
     assert "R@1" in doc and "not reproduced here" in doc.lower().replace("nothing was reproduced", "not reproduced")
-    methods.build(c, num_classes=98)  # validates the method keys without building the ViT
-  assert seen == set(VPTSP_RECIPES)
+    check_config(c)
   cars_b = _load_config(os.path.join(CONFIG_DIR, "cars_vitb.py"))
   assert (cars_b.dataset.name, cars_b.model.backbone) == ("cars196", "vit_base_patch16_224.augreg_in21k")
 
@@ -107,31 +139,32 @@ def test_frozen_vit_is_never_differentiated(tmp_path):
   method = methods.build(c, num_classes=6)
   params, method_state = method.init(jax.random.key(0))
   keys = tree_lib.key_index(params)
-  plan = optim.ParamPlan(c.optim, list(keys), method_frozen=method.frozen_paths(params))
-  phase = plan.phase(0)
-  assert set(phase.labels) == {"base", "proxy_bias"}
-  frozen = set(phase.frozen)
+  plan = optim.ParamPlan(c.optim, list(keys), selectors=method.param_selectors(params))
+  groups = plan.groups(0)
+  assert set(groups.labels) == {"base", "proxy_bias"}
+  frozen = set(groups.frozen)
   flat0 = tree_lib.flatten(params)
   kernels = {p for p in frozen if p.endswith("kernel")}
   assert "model/backbone/blocks/1/mlp/fc2/kernel" in kernels and "model/backbone/patch_embed/proj/kernel" in kernels
   assert not any(p.startswith("model/backbone/") and p.endswith("bias") for p in frozen)  # BitFit
 
-  state = step_lib.init_train_state(params, method_state, optim.init_group_states(phase, params), jax.random.key(1))
-  update = step_lib.build_update_fn(method, phase, keys)
+  state = step_lib.init_train_state(params, method_state, optim.init_group_states(groups, params), jax.random.key(1))
+  update = step_lib.build_update_fn(method, groups, method.phases(0), keys)
   rng = np.random.default_rng(0)
   batch = {"image": jnp.asarray(rng.normal(size=(8, 32, 32, 3)), jnp.float32), "label": jnp.asarray(LABELS)}
-  lrs, epoch = step_lib.learning_rate_args(phase, 0)
+  lrs, epoch = step_lib.learning_rate_args(groups, 0)
 
   # No weight gradient of a frozen kernel is ever formed: no matmul / conv in the step produces one of
   # their shapes. The same scan of a step that trains qkv finds its gradient (the scan can see them).
   shapes = {flat0[p].shape for p in kernels}
   assert _weight_shaped_products(update, state, batch, lrs, epoch, shapes) == []
-  qkv_trains = optim.ParamPlan(c.optim, list(keys), method_frozen=method.frozen_paths(params) - {
-      "model/backbone/blocks/0/attn/qkv/kernel"}).phase(0)
-  probe = step_lib.build_update_fn(method, qkv_trains, keys)
+  c.optim.groups = (("model/backbone/blocks/0/attn/qkv/kernel", dict(name="qkv")),) + tuple(c.optim.groups)
+  qkv_trains = optim.ParamPlan(c.optim, list(keys)).groups(0)
+  probe = step_lib.build_update_fn(method, qkv_trains, method.phases(0), keys)
   probe_state = step_lib.init_train_state(params, method_state, optim.init_group_states(qkv_trains, params),
                                           jax.random.key(1))
-  assert ("dot_general", (192, 64)) in _weight_shaped_products(probe, probe_state, batch, lrs, epoch, shapes)
+  probe_lrs, _ = step_lib.learning_rate_args(qkv_trains, 0)
+  assert ("dot_general", (192, 64)) in _weight_shaped_products(probe, probe_state, batch, probe_lrs, epoch, shapes)
 
   # Bit-identical frozen weights after training: test_digits_demo_recall_rises_and_the_vit_stays_frozen.
 
@@ -170,7 +203,7 @@ def random_feature_vit_weights(out: pathlib.Path, *, seed: int = 0) -> pathlib.P
 
 def digits_config(weights: pathlib.Path) -> ml_collections.ConfigDict:
   """The VPTSP Cars recipe on the embedded digits: 4 epochs of 50 batches of 4 digits x 4 images."""
-  c = vptsp_config("cars196", "vit_s16")
+  c = vptsp_cars_config()
   c.num_epochs = 4
   c.dataset.name = "digits"
   c.dataset.image_size = 32
@@ -191,7 +224,7 @@ def digits_config(weights: pathlib.Path) -> ml_collections.ConfigDict:
   c.method.proxy_bias_ratio = 0.3
   c.optim.lr = 2e-3
   c.optim.schedule.t_max = 4
-  c.optim.groups = (("model/proxy_bias", dict(name="proxy_bias", lr=1e-2)),)
+  c.optim.groups = (c.optim.groups[0], ("model/proxy_bias", dict(name="proxy_bias", lr=1e-2)))
   c.eval.protocol = "digits"
   c.eval.metrics = ("recall", "map@r")
   c.eval.options = ml_collections.ConfigDict(dict(map_r_variant="class_size"))
@@ -283,9 +316,9 @@ def test_memory_bank_trains_in_the_trainer_and_resumes_exactly(tmp_path, capsys)
   loop.fit(config(2), tmp_path / "full")
   printed = capsys.readouterr().out
   # The Table-1 style count: host tables with their full size (5 digits x 2 layers x 2 prompts x 64).
-  assert "in host-memory tables" in printed
+  assert "in host memory" in printed
   count_line = next(line for line in printed.splitlines() if line.startswith("parameters: "))
-  assert "1,280 of them in host-memory tables" in count_line, count_line
+  assert "1,280 of them in host memory" in count_line, count_line
   loop.fit(config(1), tmp_path / "resumed")
   loop.fit(config(2), tmp_path / "resumed")
 
@@ -305,8 +338,7 @@ def test_memory_bank_trains_in_the_trainer_and_resumes_exactly(tmp_path, capsys)
   assert unseen.size  # seed 0 never draws digit 0 in these 4 batches
   method = methods.build(config(2), num_classes=train.num_classes)
   method.init(jax.random.key(0))
-  initial = row_sparse.HostRowBank(method.host_row_tables(), {t.buffer_path: () for t in
-                                                              method.host_row_tables().values()}, seed=0)
+  initial = method.host_state()  # the tables as initialised
   assert sorted(host) == ["class_prompts_00", "class_prompts_01"]
   for name, entry in host.items():
     before = initial.values[name]

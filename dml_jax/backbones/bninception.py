@@ -1,6 +1,6 @@
 """BN-Inception (Inception v2, Caffe port) in the layout of `pretrainedmodels.bninception`, Flax NNX, NHWC.
 
-The trunk of the Proxy-Anchor / Proxy-ISA code bases (specs/proxyisa_dfml.md §1.3). Facts it keeps:
+The trunk of the Proxy-Anchor / Proxy-ISA code bases (docs/methods/metric_loss.md). Facts it keeps:
   * every conv has a bias *and* a BatchNorm (eps 1e-5), then ReLU. The torch code feeds the pre-ReLU BN
     outputs onward, but its ReLUs are in-place, so those tensors are already rectified:
     conv -> BN -> ReLU everywhere is the same network;
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dml_jax.backbones.batchnorm import BatchNorm
-from dml_jax.backbones.pretrained import PretrainedCfg
+from dml_jax.preprocessing import PretrainedCfg
 from dml_jax.backbones.registry import register
 
 # pretrainedmodels' `pretrained_settings['bninception']['imagenet']`; resize 256 -> crop 224 as in the

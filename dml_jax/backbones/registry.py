@@ -9,7 +9,8 @@ from typing import Any, Callable
 import jax
 from flax import nnx
 
-from dml_jax.backbones.pretrained import PretrainedCfg
+from dml_jax.backbones.weights import load_weights_into
+from dml_jax.preprocessing import PretrainedCfg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +87,6 @@ def create(name: str, weights: str | None = None, *, rngs: nnx.Rngs | None = Non
   if weights is None:
     model = entry.build(rngs=rngs or nnx.Rngs(0), **arch)
   else:
-    from dml_jax.convert.weights_dir import load_weights_into  # local: convert imports backbones
     # The weights replace every parameter and BN statistic, so only shapes are built: a random init costs one
     # XLA compile per parameter shape (seconds for a ViT on a CPU) and the memory of a second copy.
     model = nnx.eval_shape(lambda: entry.build(rngs=nnx.Rngs(0), **arch))

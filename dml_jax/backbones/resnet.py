@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dml_jax.backbones.batchnorm import BatchNorm
-from dml_jax.backbones.pretrained import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
+from dml_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
 from dml_jax.backbones.registry import register
 
 EXPANSION = 4

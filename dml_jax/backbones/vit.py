@@ -30,8 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dml_jax.backbones.pretrained import IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, PretrainedCfg
+from dml_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, PretrainedCfg
 from dml_jax.backbones.registry import register
+from dml_jax.backbones.weights import register_load_adapter
 
 _LN_EPS = 1e-6
 _INIT_STD = 0.02  # timm's trunc_normal_(std=.02) for Linear weights, pos_embed and dist_token
@@ -320,10 +321,5 @@ def _register_variants() -> None:
            img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, distilled=True)
 
 
-def _register_load_adapter() -> None:
-  from dml_jax.convert.weights_dir import register_load_adapter  # convert imports backbones; keep this local
-  register_load_adapter("vit", _adapt_pos_embed_on_load)
-
-
 _register_variants()
-_register_load_adapter()
+register_load_adapter("vit", _adapt_pos_embed_on_load)

@@ -17,13 +17,14 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 
-from dml_jax.backbones.pretrained import PretrainedCfg
+from dml_jax.preprocessing import PretrainedCfg
 from dml_jax.data import samplers as samplers_lib
 from dml_jax.data import transforms
 from dml_jax.data.records import Records
 
 _AUGMENT_STREAM = 3
 SAMPLERS = ("m_per_class", "m_per_class_replace", "random")
+AUGMENTATIONS = ("base",)  # 'base': RandomResizedCrop + horizontal flip (torchvision defaults)
 
 
 def _check_processes(batch_size: int, process_index: int, process_count: int) -> int:
@@ -72,7 +73,8 @@ def _pipeline(element, start_batch: int, num_batches: int, local_batch: int, num
 
 
 class _TrainElement:
-  """Local position in the epoch -> {'image': float32 [S, S, 3], 'label': int32}. Picklable for workers."""
+  """Local position in the epoch -> {'image': float32 [S, S, 3], 'label': int32, 'index': int32 (the record's
+  row)}. Picklable for workers."""
 
   def __init__(self, loader: TrainLoader, epoch: int, local_indices: np.ndarray):
     self.records = loader.records
@@ -91,11 +93,12 @@ class _TrainElement:
         np.random.SeedSequence([self.seed & 0xFFFFFFFF, self.epoch, _AUGMENT_STREAM, step, slot]))
     with self.records.open_image(row) as img:
       pixels = transforms.train_transform(img, rng, ref=self.records.paths[row], **self.kwargs)
-    return {"image": self.normalizer(pixels), "label": np.int32(self.records.labels[row])}
+    return {"image": self.normalizer(pixels), "label": np.int32(self.records.labels[row]), "index": np.int32(row)}
 
 
 class TrainEpochIterator(Iterator[dict[str, np.ndarray]]):
-  """One epoch's batches {'image': float32 [B_local, S, S, 3], 'label': int32 [B_local]}."""
+  """One epoch's batches {'image': float32 [B_local, S, S, 3], 'label': int32 [B_local], 'index': int32
+  [B_local]} (index: the row of each image in the records)."""
 
   def __init__(self, loader: TrainLoader, epoch: int, start_step: int):
     self._loader, self.epoch, self._step = loader, epoch, start_step
@@ -129,6 +132,10 @@ class TrainEpochIterator(Iterator[dict[str, np.ndarray]]):
   def step(self) -> int:
     """Batches of this epoch consumed so far (including those before a resume)."""
     return self._step
+
+  def global_indices(self, step: int) -> np.ndarray:
+    """Record rows of global batch `step` of this epoch, int64 [B] (the same in every process)."""
+    return self.indices[step]
 
   def get_state(self) -> dict[str, Any]:
     """JSON-able position: pass to `loader.epoch(state['epoch'], state=...)` to continue after it."""
@@ -191,7 +198,7 @@ def make_train_loader(records: Records, *, batch_size: int, pretrained_cfg: Pret
                       steps_per_epoch: int | None = None, scale: tuple[float, float] = (0.08, 1.0),
                       ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True,
                       interpolation: str = "bilinear", fast_decode: bool = True, num_workers: int = 0,
-                      prefetch_batches: int = 2) -> TrainLoader:
+                      prefetch_batches: int = 2, augment: str = "base") -> TrainLoader:
   """Training batches: RandomResizedCrop(image_size) + flip + the backbone's normalisation.
 
   Args:
@@ -206,7 +213,10 @@ def make_train_loader(records: Records, *, batch_size: int, pretrained_cfg: Pret
     fast_decode: JPEG draft decoding when the crop allows (see transforms).
     num_workers: 0 decodes rows in `num_threads` grain threads (best on few cores); >0 builds whole
       batches in that many grain worker processes (mp_prefetch) instead.
+    augment: one of AUGMENTATIONS.
   """
+  if augment not in AUGMENTATIONS:
+    raise ValueError(f"unknown augmentation {augment!r} (config.data.augment); expected one of {AUGMENTATIONS}")
   if isinstance(sampler, str):
     sampler = make_sampler(records, batch_size=batch_size, sampler=sampler, samples_per_class=samples_per_class,
                            seed=seed, steps_per_epoch=steps_per_epoch)

@@ -42,9 +42,9 @@ def _class_index(labels: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
 class MPerClassSampler:
   """B/k classes x k images per batch, each class's images contiguous; epoch of len(labels) // B batches.
 
-  replace=False (default) is VPTSP's class_random_sampler (specs/vptsp_dada.md §1.9): the B/k classes
+  replace=False (default) is VPTSP's class_random_sampler (docs/methods/vptsp.md): the B/k classes
   are distinct, and k distinct images per class (a class with fewer than k images gives all of them,
-  repeated, topped up with a random subset). replace=True is DADA's (§2.8): classes and images drawn
+  repeated, topped up with a random subset). replace=True is DADA's: classes and images drawn
   with replacement. Every batch is an independent draw, not a permutation of the data.
   """
 

@@ -18,7 +18,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from dml_jax.backbones.pretrained import PretrainedCfg
+from dml_jax.preprocessing import PretrainedCfg
 from dml_jax.data import decode
 
 _INTERPOLATION = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}

@@ -31,6 +31,7 @@ import numpy as np
 from jax import lax
 
 from dml_jax.eval import faiss_check
+from dml_jax.losses.ops import l2_normalize
 
 Metric = Literal["cosine", "euclidean", "inner_product"]
 Backend = Literal["auto", "jax", "faiss"]
@@ -39,13 +40,6 @@ BACKENDS = ("auto", "jax", "faiss")
 
 # FAISS GPU k-selection supports k <= 2048 (faiss/gpu/utils/DeviceDefs.cuh); PML falls back to CPU too.
 _FAISS_GPU_MAX_K = 2048
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-  """Rows divided by max(L2 norm, 1e-12) (torch F.normalize semantics). float32 [N, D] -> float32 [N, D]."""
-  x = np.asarray(x, dtype=np.float32)
-  norms = np.sqrt(np.einsum("nd,nd->n", x, x, dtype=np.float64))
-  return (x / np.maximum(norms, 1e-12)[:, None]).astype(np.float32)
 
 
 def resolve_backend(backend: str) -> str:
@@ -128,8 +122,8 @@ def knn_chunks(queries: np.ndarray, gallery: np.ndarray, k: int, *, backend: Bac
   if chunk_size < 1 or gallery_chunk_size < 1:
     raise ValueError("chunk sizes must be positive")
   if metric == "cosine":
-    queries = l2_normalize(queries)
-    gallery = queries if same_array else l2_normalize(gallery)
+    queries = l2_normalize(np.asarray(queries), clamp_norm=True)
+    gallery = queries if same_array else l2_normalize(np.asarray(gallery), clamp_norm=True)
   if exclude_indices is None:
     exclude_indices = np.full(queries.shape[0], -1, dtype=np.int64)
 

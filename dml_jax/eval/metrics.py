@@ -3,7 +3,7 @@
 Retrieval metrics stream the kNN lists chunk by chunk (`knn.knn_chunks`) and keep only per-metric
 running sums, so memory is O(chunk x k); k is the largest K / relevant-set size needed, never N.
 
-Definitions (specs/dnc_eval.md B.1-B.4, specs/vptsp_dada.md 3.5, specs/proxyisa_dfml.md 5). For a
+Definitions (docs/evaluation.md). For a
 query q with label y: the ranking runs over the gallery minus q itself (when q is in the gallery);
 rel_i = 1[label of the i-th neighbour == y]; R = number of gallery items labelled y, q excluded
 (leave-one-out: class size - 1; query/gallery: gallery count); P(i) = (1/i) sum_{j<=i} rel_j.
@@ -32,6 +32,7 @@ import numpy as np
 
 from dml_jax.eval import knn as knn_lib
 from dml_jax.eval.kmeans import kmeans
+from dml_jax.losses.ops import l2_normalize
 
 RETRIEVAL_METRICS = ("recall", "precision@1", "r_precision", "map@r", "marp")
 CLUSTERING_METRICS = ("nmi", "f1")
@@ -312,7 +313,7 @@ def clustering_metrics(embeddings: np.ndarray, labels: np.ndarray, *, num_runs: 
                        metrics: Sequence[str] = ("nmi", "f1")) -> dict[str, float]:
   """NMI and pair F1 of a k-means partition, averaged over `num_runs` k-means runs (seeds seed, seed+1, ...).
 
-  Settings per source (specs/dnc_eval.md B.2): PML / RDML / VPTSP / DADA niter=20, one run (their
+  Settings per source (docs/evaluation.md): PML / RDML / VPTSP / DADA niter=20, one run (their
   faiss seed is faiss's default 1234); D&C final numbers niter=100, num_runs=10, seed=0,
   max_points_per_centroid=10_000_000.
 
@@ -333,7 +334,7 @@ def clustering_metrics(embeddings: np.ndarray, labels: np.ndarray, *, num_runs: 
   if not names:
     return {}
   if distance == "cosine":
-    embeddings = knn_lib.l2_normalize(embeddings)
+    embeddings = l2_normalize(np.asarray(embeddings), clamp_norm=True)
   num_clusters = len(np.unique(labels)) if num_clusters is None else int(num_clusters)
   scores: dict[str, list[float]] = {name: [] for name in names}
   for run in range(num_runs):

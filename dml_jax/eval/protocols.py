@@ -1,4 +1,4 @@
-"""Per-dataset evaluation protocols (specs/dnc_eval.md B.1, B.5): which K values, which rows query which.
+"""Per-dataset evaluation protocols (docs/evaluation.md): which K values, which rows query which.
 
 | dataset      | recall K                 | retrieval                                                  |
 |--------------|--------------------------|------------------------------------------------------------|

@@ -1,5 +1,5 @@
 """Margin loss with distance-weighted sampling (Wu et al., ICCV 2017) as in the Divide & Conquer code
-(`metriclearning/loss/margin_loss.py`, `metriclearning/sampler/triplets.py`; dnc_eval.md A.6)."""
+(`metriclearning/loss/margin_loss.py`, `metriclearning/sampler/triplets.py`; docs/methods/metric_loss.md)."""
 
 from __future__ import annotations
 

@@ -161,7 +161,7 @@ def _top_k_by_rank(scores: jax.Array, k: jax.Array) -> jax.Array:
 def distance_weighted_sampling(key: jax.Array, embeddings: jax.Array, labels: jax.Array, *,
                                cutoff: float = 0.5, nonzero_loss_cutoff: float = 1.4, far_weight: float = 1e-6,
                                sample_far_positives: bool = True) -> tuple[jax.Array, jax.Array]:
-  """D&C's distance-weighted triplet sampling, as multiplicity masks (dnc_eval.md A.6).
+  """D&C's distance-weighted triplet sampling, as multiplicity masks (docs/methods/metric_loss.md).
 
   For every anchor i: draw k = `distance_weighted_num_negatives(labels)` distinct negatives with
   probability proportional to `distance_weighted_negative_weights` (sequential draws without

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def as_compute_dtype(x: jax.Array) -> jax.Array:
@@ -11,13 +12,26 @@ def as_compute_dtype(x: jax.Array) -> jax.Array:
   return jnp.asarray(x).astype(jnp.promote_types(jnp.asarray(x).dtype, jnp.float32))
 
 
-def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-  """x / sqrt(sum(x^2) + eps) along `axis`.
+def l2_normalize(x, axis: int = -1, eps: float = 1e-12, *, clamp_norm: bool = False):
+  """The one L2 normalisation of the project, in the two forms the seed codes use.
 
-  The Proxy-Anchor code's `l2_norm` (eps inside the square root), which also keeps the gradient finite
-  at x = 0. PML's `F.normalize` divides by max(|x|, 1e-12) instead; both agree to ~eps / |x|^2.
+  clamp_norm False: x / sqrt(sum(x^2) + eps), the Proxy-Anchor code's `l2_norm` (eps inside the square
+    root), which also keeps the gradient finite at x = 0.
+  clamp_norm True: x / max(|x|, eps), torch's F.normalize (VPTSP, PML, the evaluation of every seed).
+  Both agree to ~eps / |x|^2 on non-zero rows.
+
+  A jax array gives a jax array (jittable, differentiable); a numpy array gives float32 numpy with the
+  norms accumulated in float64 (host-side evaluation of large embedding sets).
   """
-  return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True) + eps)
+  if isinstance(x, np.ndarray):
+    x = np.asarray(x, np.float32)
+    sq = np.sum(np.square(x, dtype=np.float64), axis=axis, keepdims=True)
+    scale = 1.0 / np.maximum(np.sqrt(sq), eps) if clamp_norm else 1.0 / np.sqrt(sq + eps)
+    return (x * scale).astype(np.float32)
+  sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+  if clamp_norm:
+    return x / jnp.maximum(jnp.sqrt(sq), eps)
+  return x * jax.lax.rsqrt(sq + eps)
 
 
 def masked_logsumexp(logits: jax.Array, mask: jax.Array, axis: int, *, add_one: bool = True) -> jax.Array:

@@ -10,7 +10,7 @@ def kaiming_normal_fan_out_proxies(key: jax.Array, num_classes: int, embedding_d
                                    dtype=jnp.float32) -> jax.Array:
   """Proxies float [C, D] ~ N(0, 2 / C): torch `kaiming_normal_(P, mode='fan_out')` on a (C, D) tensor.
 
-  The Proxy-Anchor / Proxy-ISA / DFML proxy init (proxyisa_dfml.md 1.4), also PML's ProxyAnchorLoss
+  The Proxy-Anchor / Proxy-ISA / DFML proxy init (docs/methods/metric_loss.md), also PML's ProxyAnchorLoss
   default. The loss normalises the proxies, but their raw scale sets the size of Adam's steps.
   """
   return jnp.sqrt(2.0 / num_classes).astype(dtype) * jax.random.normal(key, (num_classes, embedding_dim), dtype)

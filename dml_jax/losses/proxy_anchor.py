@@ -32,7 +32,7 @@ def proxy_anchor_loss(embeddings: jax.Array, labels: jax.Array, proxies: jax.Arr
     alpha: scale (32 in all seed repos).
     margin: delta (0.1).
     pos_normalizer: N+ for the positive term. 'present' = |P+| (Proxy-Anchor, Proxy-ISA, DFML code,
-      and PML's ProxyAnchorLoss); 'all' = C, as VPTSP's `both_all` mode (vptsp_dada.md 1.5), where
+      and PML's ProxyAnchorLoss); 'all' = C, as VPTSP's `both_all` mode (docs/methods/vptsp.md), where
       classes absent from the batch count in the mean.
     normalize_embeddings: L2-normalise the embeddings here (the Proxy-Anchor code does, even though its
       models already output unit vectors; on unit inputs this changes neither value nor the gradient

@@ -1,27 +1,24 @@
 """The baseline method: backbone -> embedding head -> L2 -> a loss from `dml_jax.losses`.
 
-Covers Proxy-Anchor, Proxy-NCA, NormSoftmax, Margin, Multi-Similarity and Triplet baselines
-(specs/proxyisa_dfml.md §1.3–1.5, §2). Heads (`config.model.head`):
+Covers the Proxy-Anchor, Proxy-NCA, NormSoftmax, Margin, Multi-Similarity and Triplet baselines
+(docs/methods/metric_loss.md). Heads (`config.method.head`):
 
   'linear'          Linear(D -> E) on the backbone's pooled features (ViT cls token, ResNet GAP).
   'gap_gmp_linear'  global average pool + global max pool of `forward_features`, summed, then
                     Linear(C -> E): the Proxy-Anchor code's ResNet-50 and BN-Inception heads.
-  'none'            the pooled features themselves (E = D), e.g. DeiT in DFML.
+  'none'            the pooled features themselves (E = D).
 
 The linear layer is initialised as the seeds do: kernel ~ N(0, 2 / E) (torch kaiming_normal_, mode
 fan_out), bias 0. Embeddings are L2-normalised, x / sqrt(sum(x^2) + 1e-12), in float32.
 
-BatchNorm (`config.model`): `bn_freeze` runs the backbone's BN with running statistics during training
-and never updates them (torch `eval()` on every BatchNorm2d); `bn_affine_trainable` False keeps BN scale
-and bias frozen for the whole run (a Proxy-Anchor config with warm-up > 0 sets it True because its code
-re-enables them at the end of warm-up, specs §1.5).
+BatchNorm: `config.method.bn_freeze` runs the backbone's BN with running statistics during training and
+never updates them (torch `eval()` on every BatchNorm2d). Whether BN scale and bias train is the config's
+parameter groups' business: the selector '@batchnorm' names them (a Proxy-Anchor recipe with warm-up
+lets them train after it, because the authors' code re-enables them at the end of warm-up).
 
 `config.compute_dtype = 'bfloat16'` runs backbone and head in bfloat16 on float32 master parameters (the
 gradients arrive in float32); embeddings, L2 and the loss stay float32. BatchNorm running statistics are
 stored in float32 but, when they are updated (bn_freeze off), computed from bfloat16 activations.
-
-The NNX model is split once in `init`; the update step only merges arrays into the stored graph
-definitions while tracing, so a step has no Python cost that grows with the model.
 """
 
 from __future__ import annotations
@@ -30,18 +27,30 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
-from dml_jax import backbones, losses
-from dml_jax.methods import Method, StepInfo, cast_floating
+from dml_jax import losses
+from dml_jax.losses.ops import l2_normalize
+from dml_jax.methods import modeling
+from dml_jax.methods.base import Method, StepInfo
 
 HEADS = ("linear", "gap_gmp_linear", "none")
 _LINEAR_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")  # N(0, 2 / out_features)
 
 
-def l2_normalize(x: jax.Array) -> jax.Array:
-  """x / sqrt(sum(x^2) + 1e-12) over the last axis (the seeds' `l2_norm`)."""
-  return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + 1e-12)
+def config() -> ml_collections.ConfigDict:
+  """config.method.* of 'metric_loss' (defaults: Proxy-Anchor, alpha 32, margin 0.1)."""
+  return ml_collections.ConfigDict(dict(
+      name="metric_loss",
+      head="gap_gmp_linear",  # see HEADS
+      bn_freeze=True,  # BatchNorm statistics frozen during training
+      loss=ml_collections.ConfigDict(dict(
+          name="proxy_anchor",  # dml_jax.losses registry name
+          hparams=ml_collections.ConfigDict(dict(alpha=32.0, margin=0.1)),  # keyword arguments of the loss
+          param_options=ml_collections.ConfigDict(),  # keyword arguments of its parameter initialisers
+      )),
+  ))
 
 
 class EmbeddingModel(nnx.Module):
@@ -61,144 +70,84 @@ class EmbeddingModel(nnx.Module):
     return pooled if self.head is None else self.head(pooled)
 
 
-def _set_batchnorm_frozen(model: nnx.Module, frozen: bool) -> None:
-  from dml_jax.backbones.batchnorm import BatchNorm  # the CNN backbones' torch-semantics BN
-  model.set_attributes(BatchNorm, use_running_average=frozen, raise_if_not_found=False)
-  model.set_attributes(nnx.BatchNorm, use_running_average=frozen, raise_if_not_found=False)
+def pooled_feature_dim(backbone: nnx.Module, head: str, image_size: int, backbone_name: str) -> int:
+  """Channels of what the head sees: forward_features' C for 'gap_gmp_linear', else the pooled D."""
+  graph, state = nnx.split(backbone)
 
+  def features(state, images):
+    net = nnx.merge(graph, state)
+    if head == "gap_gmp_linear":
+      if not hasattr(net, "forward_features"):
+        raise ValueError(f"head 'gap_gmp_linear' needs a backbone with forward_features (a CNN feature map); "
+                         f"{backbone_name!r} has none: use head 'linear'")
+      return net.forward_features(images)
+    return net(images)
 
-def _batchnorm_affine_paths(model: nnx.Module, prefix: str) -> set[str]:
-  from dml_jax.backbones.batchnorm import BatchNorm
-  paths = set()
-  for path, node in nnx.iter_graph(model):
-    if isinstance(node, (BatchNorm, nnx.BatchNorm)):
-      base = "/".join(str(p) for p in path)
-      for name in ("scale", "bias"):
-        if isinstance(getattr(node, name, None), nnx.Param):
-          paths.add(f"{prefix}/{base}/{name}")
-  return paths
-
-
-class _SplitModel:
-  """An NNX model split once: graph definitions (train / eval) and leaf orders of its two states.
-
-  `merge(params, other, train)` rebuilds the module from pure nested dicts at trace time; `other_of`
-  reads the non-parameter state (BatchNorm statistics) back out after a forward pass.
-  """
-
-  def __init__(self, model: nnx.Module, bn_freeze: bool):
-    _set_batchnorm_frozen(model, bn_freeze)
-    self.train_graph, params, other = nnx.split(model, nnx.Param, ...)
-    model.eval()  # BN running statistics, deterministic dropout
-    self.eval_graph, _, _ = nnx.split(model, nnx.Param, ...)
-    self.params_pure = nnx.to_pure_dict(params)
-    self.other_pure = nnx.to_pure_dict(other)
-    self._param_def = jax.tree.structure(params)
-    self._other_def = jax.tree.structure(other)
-    self._other_pure_def = jax.tree.structure(self.other_pure)
-    # Both flatten in sorted-key order, so leaves correspond one to one; checked once here.
-    for state, pure in ((params, self.params_pure), (other, self.other_pure)):
-      a = [tuple(str(getattr(k, "key", k)) for k in p[:-1]) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
-      b = [tuple(str(getattr(k, "key", k)) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(pure)[0]]
-      if a != b:
-        raise AssertionError("NNX state and its pure dict flatten in different orders")
-
-  def merge(self, params: Any, other: Any, train: bool) -> nnx.Module:
-    p = jax.tree.unflatten(self._param_def, jax.tree.leaves(params))
-    o = jax.tree.unflatten(self._other_def, jax.tree.leaves(other))
-    return nnx.merge(self.train_graph if train else self.eval_graph, p, o)
-
-  def other_of(self, model: nnx.Module) -> Any:
-    _, _, other = nnx.split(model, nnx.Param, ...)
-    return jax.tree.unflatten(self._other_pure_def, jax.tree.leaves(other))
+  out = jax.eval_shape(features, state, jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32))
+  if head == "gap_gmp_linear" and len(out.shape) != 4:
+    raise ValueError(f"head 'gap_gmp_linear' needs forward_features -> [B, h, w, C]; {backbone_name!r} gives "
+                     f"shape {out.shape}: use head 'linear'")
+  return int(out.shape[-1])
 
 
 class MetricLossMethod(Method):
-  """Backbone + head + L2 + `config.loss.name` with its learnable parameters ('loss/<name>')."""
+  """Backbone + head + L2 + `config.method.loss.name` with its learnable parameters ('loss/<name>')."""
 
   name = "metric_loss"
 
   def __init__(self, config: Any, *, num_classes: int):
-    m = config.model
-    if m.head not in HEADS:
-      raise ValueError(f"config.model.head must be one of {HEADS}, got {m.head!r}")
+    o = config.method
+    if o.head not in HEADS:
+      raise ValueError(f"config.method.head must be one of {HEADS}, got {o.head!r}")
     self.config = config
     self.num_classes = int(num_classes)
-    self.head = m.head
-    self.bn_freeze = bool(m.bn_freeze)
-    self.bn_affine_trainable = bool(m.bn_affine_trainable)
-    self.compute_dtype = None if config.compute_dtype in ("float32", None, "") else jnp.dtype(config.compute_dtype)
-    self.loss_spec = losses.get_loss_spec(config.loss.name)
-    self.loss_hparams = dict(config.loss.hparams)
-    self.loss_param_options = dict(config.loss.param_options)
-    self.image_size = int(config.dataset.image_size)
-    self.pretrained_cfg = backbones.get_entry(m.backbone).pretrained_cfg
-    self._split: _SplitModel | None = None
-    self._frozen: set[str] = set()
+    self.head = o.head
+    self.bn_freeze = bool(o.bn_freeze)
+    self.compute_dtype = modeling.compute_dtype(config.compute_dtype)
+    self.loss_spec = losses.get_loss_spec(o.loss.name)
+    self.loss_hparams = dict(o.loss.hparams)
+    self.loss_param_options = dict(o.loss.param_options)
+    self.model: modeling.SplitModel | None = None
+    self._batchnorm: set[str] = set()
 
   def init(self, rng: jax.Array) -> tuple[dict, dict]:
-    m = self.config.model
     backbone_rng, head_rng, loss_rng = jax.random.split(rng, 3)
-    overrides = dict(m.backbone_overrides)
-    if m.weights:
-      backbone = backbones.create(m.backbone, weights=m.weights, **overrides)  # strict; names every bad key
-    else:
-      backbone = backbones.create(m.backbone, rngs=nnx.Rngs(backbone_rng), **overrides)
+    m = self.config.model
+    backbone = modeling.build_backbone(m, backbone_rng)
     self.pretrained_cfg = backbone.pretrained_cfg
-    in_features = self._feature_dim(backbone)
-    embedding_dim = in_features if self.head == "none" else int(m.embedding_dim)
-    self.embedding_dim = embedding_dim
+    in_features = pooled_feature_dim(backbone, self.head, int(self.config.dataset.image_size), m.backbone)
+    self.embedding_dim = in_features if self.head == "none" else int(m.embedding_dim)
     head = None
     if self.head != "none":
-      head = nnx.Linear(in_features, embedding_dim, kernel_init=_LINEAR_INIT, bias_init=nnx.initializers.zeros,
-                        rngs=nnx.Rngs(head_rng))
+      head = nnx.Linear(in_features, self.embedding_dim, kernel_init=_LINEAR_INIT,
+                        bias_init=nnx.initializers.zeros, rngs=nnx.Rngs(head_rng))
     model = EmbeddingModel(backbone, self.head, head)
-    if not self.bn_affine_trainable:
-      self._frozen = _batchnorm_affine_paths(model, "model")
-    self._split = _SplitModel(model, self.bn_freeze)
+    self._batchnorm = modeling.batchnorm_affine_paths(model, "model")
+    modeling.set_batchnorm_frozen(model, self.bn_freeze)
+    self.model = modeling.SplitModel(model)
     loss_params = losses.init_loss_params(self.loss_spec.name, loss_rng, num_classes=self.num_classes,
-                                          embedding_dim=embedding_dim, **self.loss_param_options)
-    params = {"model": self._split.params_pure, "loss": loss_params}
-    return params, {"model": self._split.other_pure}
+                                          embedding_dim=self.embedding_dim, **self.loss_param_options)
+    return {"model": self.model.params, "loss": loss_params}, {"model": self.model.other}
 
-  def _feature_dim(self, backbone: nnx.Module) -> int:
-    graph, state = nnx.split(backbone)
-    head = self.head
-
-    def features(state, images):
-      net = nnx.merge(graph, state)
-      if head == "gap_gmp_linear":
-        if not hasattr(net, "forward_features"):
-          raise ValueError(f"head 'gap_gmp_linear' needs a backbone with forward_features (a CNN feature map); "
-                           f"{self.config.model.backbone!r} has none: use head 'linear'")
-        return net.forward_features(images)
-      return net(images)
-
-    s = self.image_size
-    out = jax.eval_shape(features, state, jax.ShapeDtypeStruct((2, s, s, 3), jnp.float32))
-    if head == "gap_gmp_linear" and len(out.shape) != 4:
-      raise ValueError(f"head 'gap_gmp_linear' needs forward_features -> [B, h, w, C]; "
-                       f"{self.config.model.backbone!r} gives shape {out.shape}: use head 'linear'")
-    return int(out.shape[-1])
-
-  def frozen_paths(self, params: dict) -> set[str]:
+  def param_selectors(self, params: dict) -> dict[str, set[str]]:
     del params
-    return set(self._frozen)
+    return {"batchnorm": set(self._batchnorm)}
 
   def _embed(self, model_params: Any, model_state: Any, images: jax.Array, train: bool) -> tuple[jax.Array, Any]:
-    if self._split is None:
+    if self.model is None:
       raise RuntimeError("call method.init(rng) before using the method")
     dtype = self.compute_dtype
-    model = self._split.merge(cast_floating(model_params, dtype), cast_floating(model_state, dtype), train)
-    emb = model(images if dtype is None else images.astype(dtype))
-    new_state = self._split.other_of(model)
+    net = self.model.merge(modeling.cast_floating(model_params, dtype), modeling.cast_floating(model_state, dtype),
+                           train=train)
+    emb = net(images if dtype is None else images.astype(dtype))
+    new_state = self.model.other_of(net)
     if dtype is not None:  # statistics go back to their stored dtype
       new_state = jax.tree.map(lambda new, old: new.astype(old.dtype), new_state, model_state)
     return l2_normalize(emb.astype(jnp.float32)), new_state
 
   def loss_fn(self, params: dict, method_state: dict, batch: dict, rng: jax.Array,
-              step_info: StepInfo) -> tuple[jax.Array, tuple[dict, dict]]:
-    del step_info
+              info: StepInfo) -> tuple[jax.Array, tuple[dict, dict]]:
+    del info
     emb, model_state = self._embed(params["model"], method_state["model"], batch["image"], train=True)
     extra = {"rng": rng} if self.loss_spec.needs_rng else {}
     loss = self.loss_spec.fn(emb, batch["label"], **params["loss"], **extra, **self.loss_hparams)
@@ -207,3 +156,7 @@ class MetricLossMethod(Method):
   def embed_fn(self, params: dict, method_state: dict, images: jax.Array) -> jax.Array:
     emb, _ = self._embed(params["model"], method_state["model"], images, train=False)
     return emb
+
+
+def build(config: Any, num_classes: int) -> MetricLossMethod:
+  return MetricLossMethod(config, num_classes=num_classes)

@@ -1,6 +1,6 @@
 """VPTSP-G (Ren et al., ICLR 2024): visual prompt tuning of a frozen ViT with semantic proxies.
 
-As the official code does (`Noahsark/ParameterEfficient-DML`, specs/vptsp_dada.md §1):
+As the official code does (`Noahsark/ParameterEfficient-DML`; docs/methods/vptsp.md):
 
 Sample tower (also the inference path), images [B, S, S, 3] -> e [B, E]:
   ViT with deep task prompts shared by all samples (block i gets the first max(N - i*step, 0) of its own
@@ -16,9 +16,9 @@ Semantic proxies: a persistent, gradient-free container S [C, E] (unit rows, met
   optimizer group, e.g. lr_proxy). -M (`semantic_mix='mix'`): S[U] <- lambda*S[U] + (1 - lambda)*mean_k(p).
 Loss: Proxy-Anchor (alpha 32, delta 0.1) with the positive term divided by C, all classes
   (`pos_normalizer='all'`, the code's `both_all` mode; the paper's Eq. 2 divides by the classes present).
-Trainable: prompts, both heads and LayerNorms, the GRU, O, and with BitFit (`bitfit`) every ViT bias (the
-  code's `'bias' in name`). Every other ViT weight is frozen (`frozen_paths`): the update step never forms
-  its gradient.
+Trainable: prompts, both heads and LayerNorms, the GRU, O, and with BitFit every ViT bias (the code's
+  `'bias' in name`). Every other ViT weight is frozen by the recipe's parameter groups (the rule
+  'model/backbone/(?!.*bias$).*' frozen): the update step never forms its gradient.
 
 The GRU cell is the code's `Simple_GRUCell` (`gru_relu`): one bias per gate and
   z = sigmoid(x W_iz + h W_hz + b_iz),  r = sigmoid(x W_ir + h W_hr + b_ir),
@@ -27,10 +27,10 @@ The GRU cell is the code's `Simple_GRUCell` (`gru_relu`): one bias per gate and
 code's unused `W_ia` [E, 1] is left out.)
 
 Class-prompt memory bank (`memory_bank=True`, SOP / In-Shop / iNaturalist): the C x n_l x D tables stay in
-host memory with their optimizer moments (`host_row_tables`); params hold per-layer buffers
-[B/k, n_l, D] that the trainer fills with the batch's classes before each step and writes back after it,
-i.e. lazy row-sparse AdamW (dml_jax/train/row_sparse.py, specs §1.8). Without it the tables are ordinary
-dense parameters (CUB, Cars), as in the code.
+host memory with their optimizer moments (`host_state`, dml_jax/methods/row_sparse.py); params hold
+per-layer buffers [B/k, n_l, D] filled with the batch's classes before each step and written back after
+it, i.e. lazy row-sparse AdamW. Without it the tables are ordinary dense parameters (CUB, Cars), as in
+the code.
 
 Parameter paths (config.optim regexes): 'model/backbone/...' (timm names), 'model/task_prompts/<i>'
 [n_i, D], 'model/fc_norm/{scale,bias}', 'model/head/{kernel,bias}', 'model/proxy_net/class_prompts/<l>'
@@ -44,44 +44,51 @@ Batches must come from the 'm_per_class' sampler: B/k distinct classes, each cla
 
 from __future__ import annotations
 
-import difflib
 import functools
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
-from dml_jax import backbones, losses
-from dml_jax.methods import Method, StepInfo, cast_floating, register
-from dml_jax.methods.host_tables import HostRowTable
+from dml_jax import losses
+from dml_jax.losses.ops import l2_normalize
+from dml_jax.methods import modeling
+from dml_jax.methods.base import HostBatch, Method, StepInfo
+from dml_jax.methods.row_sparse import HostRowTable, RowSparseTables
 
 SEMANTIC_MIX_TYPES = ("gru_relu", "gru", "mix")
-# config.method keys and their defaults (params.py defaults of the official code where it has them).
-METHOD_DEFAULTS = dict(
-    name="vptsp",
-    num_prompts=10,  # N, task prompts per block
-    prompt_depth=12,  # blocks with task prompts
-    prompt_block_step=0,  # block i gets max(N - i * step, 0)
-    num_class_prompts=3,  # m, class prompts per block
-    class_prompt_depth=12,
-    class_prompt_block_step=0,
-    semantic_mix="gru_relu",  # 'gru_relu' (VPTSP-G), 'gru' (tanh candidate), 'mix' (EMA, VPTSP-M)
-    mix_keep_ratio=0.8,  # lambda of the EMA variant
-    proxy_bias_ratio=0.5,  # alpha: proxies = alpha * O + (1 - alpha) * S
-    rnn_dropout=0.0,
-    bitfit=True,  # every ViT bias trains
-    memory_bank=False,  # class-prompt tables in host memory, lazy row updates
-)
+
+
+def config() -> ml_collections.ConfigDict:
+  """config.method.* of 'vptsp' (the official params.py defaults where it has them)."""
+  return ml_collections.ConfigDict(dict(
+      name="vptsp",
+      num_prompts=10,  # N, task prompts per block
+      prompt_depth=12,  # blocks with task prompts
+      prompt_block_step=0,  # block i gets max(N - i * step, 0)
+      num_class_prompts=3,  # m, class prompts per block
+      class_prompt_depth=12,
+      class_prompt_block_step=0,
+      semantic_mix="gru_relu",  # 'gru_relu' (VPTSP-G), 'gru' (tanh candidate), 'mix' (EMA, VPTSP-M)
+      mix_keep_ratio=0.8,  # lambda of the EMA variant
+      proxy_bias_ratio=0.5,  # alpha: proxies = alpha * O + (1 - alpha) * S
+      rnn_dropout=0.0,
+      memory_bank=False,  # class-prompt tables in host memory, lazy row updates
+      # Proxy-Anchor as the code's `both_all` mode: the positive term divided by all C classes;
+      # pos_normalizer='present' is the paper's Eq. 2 (an opt-in fix).
+      loss=ml_collections.ConfigDict(dict(alpha=32.0, margin=0.1, pos_normalizer="all")),
+  ))
 _LN_EPS = 1e-5  # torch nn.LayerNorm default, the new fc_norm / p_fc_norm
 _XAVIER = nnx.initializers.xavier_uniform()
 
 
-def normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-  """torch F.normalize: x / max(|x|, 1e-12)."""
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
+def normalize(x: jax.Array) -> jax.Array:
+  """torch F.normalize over the last axis, as the code: x / max(|x|, 1e-12)."""
+  return l2_normalize(x, clamp_norm=True)
 
 
 def prompt_counts(num_prompts: int, depth: int, block_step: int, num_blocks: int) -> list[int]:
@@ -173,13 +180,8 @@ class VPTSPNet(nnx.Module):
     self.proxy_bias = nnx.Param(_XAVIER(rngs.params(), (num_classes, embedding_dim)) / 8.0)
 
 
-# Random inits run as one compiled call each (eagerly every parameter shape compiles on its own), cached
-# so that methods built again with the same shapes (tests, a second run in a process) reuse them.
-@functools.cache
-def _random_backbone_fn(name: str, overrides: tuple):
-  return nnx.jit(lambda key: backbones.create(name, rngs=nnx.Rngs(key), **dict(overrides)))
-
-
+# The prompt/head init runs as one compiled call (eagerly every parameter shape compiles on its own),
+# cached so that methods built again with the same shapes (tests, a second run in a process) reuse it.
 @functools.cache
 def _net_fn(**kwargs):
   kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
@@ -192,19 +194,11 @@ def _semantic_init(key: jax.Array, shape: tuple[int, int]) -> jax.Array:
   return normalize(_XAVIER(key, shape))
 
 
-def _method_options(config: Any) -> dict[str, Any]:
-  given = dict(config.method.to_dict() if hasattr(config.method, "to_dict") else config.method)
-  unknown = [k for k in given if k not in METHOD_DEFAULTS]
-  if unknown:
-    hints = {k: difflib.get_close_matches(k, list(METHOD_DEFAULTS), n=2) for k in unknown}
-    raise ValueError(f"config.method: unknown keys {unknown} for 'vptsp' (close matches: {hints}); known keys: "
-                     f"{sorted(METHOD_DEFAULTS)}")
-  opts = {**METHOD_DEFAULTS, **given}
-  if opts["semantic_mix"] not in SEMANTIC_MIX_TYPES:
-    raise ValueError(f"config.method.semantic_mix must be one of {SEMANTIC_MIX_TYPES}, got {opts['semantic_mix']!r}")
-  if not 0.0 <= opts["rnn_dropout"] < 1.0:
-    raise ValueError(f"config.method.rnn_dropout must lie in [0, 1), got {opts['rnn_dropout']}")
-  return opts
+def _check_options(o: Any) -> None:
+  if o.semantic_mix not in SEMANTIC_MIX_TYPES:
+    raise ValueError(f"config.method.semantic_mix must be one of {SEMANTIC_MIX_TYPES}, got {o.semantic_mix!r}")
+  if not 0.0 <= o.rnn_dropout < 1.0:
+    raise ValueError(f"config.method.rnn_dropout must lie in [0, 1), got {o.rnn_dropout}")
 
 
 class VPTSPMethod(Method):
@@ -214,7 +208,8 @@ class VPTSPMethod(Method):
 
   def __init__(self, config: Any, *, num_classes: int):
     self.config = config
-    self.opts = _method_options(config)
+    _check_options(config.method)
+    self.opts = dict(config.method)
     self.num_classes = int(num_classes)
     m, d = config.model, config.data
     if d.sampler != "m_per_class":
@@ -225,26 +220,20 @@ class VPTSPMethod(Method):
       raise ValueError(f"config.data.batch_size {d.batch_size} is not a multiple of samples_per_class "
                        f"{self.samples_per_class}")
     self.rows_per_batch = d.batch_size // self.samples_per_class
-    if config.loss.name != "proxy_anchor":
-      raise ValueError(f"vptsp trains with config.loss.name='proxy_anchor', got {config.loss.name!r}")
-    self.loss_hparams = dict(config.loss.hparams)
+    self.loss_hparams = dict(config.method.loss)
     self.embedding_dim = int(m.embedding_dim)
-    self.compute_dtype = None if config.compute_dtype in ("float32", None, "") else jnp.dtype(config.compute_dtype)
-    self.pretrained_cfg = backbones.get_entry(m.backbone).pretrained_cfg
+    self.compute_dtype = modeling.compute_dtype(config.compute_dtype)
     self.task_counts: list[int] = []
     self.class_counts: list[int] = []
-    self._graph = None
+    self.model: modeling.SplitModel | None = None
+    self._host: RowSparseTables | None = None
 
   # -- model ------------------------------------------------------------------------------------------
 
   def init(self, rng: jax.Array) -> tuple[dict, dict]:
     m, o = self.config.model, self.opts
     backbone_rng, net_rng, state_rng = jax.random.split(rng, 3)
-    overrides = dict(m.backbone_overrides)
-    if m.weights:
-      backbone = backbones.create(m.backbone, weights=m.weights, **overrides)
-    else:
-      backbone = _random_backbone_fn(m.backbone, tuple(sorted(overrides.items())))(backbone_rng)
+    backbone = modeling.build_backbone(m, backbone_rng)
     self.pretrained_cfg = backbone.pretrained_cfg
     blocks = len(backbone.blocks)
     self.task_counts = prompt_counts(o["num_prompts"], o["prompt_depth"], o["prompt_block_step"], blocks)
@@ -257,31 +246,26 @@ class VPTSPMethod(Method):
                   batch_rows=self.rows_per_batch if o["memory_bank"] else None,
                   semantic_mix=o["semantic_mix"])(net_rng)
     net.backbone = backbone
-    self._graph, params, other = nnx.split(net, nnx.Param, ...)
-    self._other = other
-    pure = nnx.to_pure_dict(params)
-    self._param_def = jax.tree.structure(params)
-    a = [p[:-1] for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    b = [p for p, _ in jax.tree_util.tree_flatten_with_path(pure)[0]]
-    if [tuple(str(getattr(k, "key", k)) for k in x) for x in a] != [tuple(str(getattr(k, "key", k)) for k in x)
-                                                                      for x in b]:
-      raise AssertionError("NNX state and its pure dict flatten in different orders")
+    self.model = modeling.SplitModel(net)
+    params = {"model": self.model.params}
+    if o["memory_bank"]:
+      self._host = RowSparseTables(self._host_tables(), params, self.batch_rows, seed=self.config.seed)
     semantic = _semantic_init(state_rng, (self.num_classes, self.embedding_dim))
-    return {"model": pure}, {"semantic_proxies": semantic}
+    return params, {"semantic_proxies": semantic}
 
   def _net(self, model_params: Any) -> VPTSPNet:
-    if self._graph is None:
+    if self.model is None:
       raise RuntimeError("call method.init(rng) before using the method")
     dtype = self.compute_dtype
     if dtype is not None:  # the ViT and its prompts in the compute dtype; heads, GRU and proxies in float32
       proxy_net = dict(model_params["proxy_net"])
       for key in ("class_prompts", "class_prompt_rows"):
         if key in proxy_net:
-          proxy_net[key] = cast_floating(proxy_net[key], dtype)
-      model_params = {**model_params, "backbone": cast_floating(model_params["backbone"], dtype),
-                      "task_prompts": cast_floating(model_params["task_prompts"], dtype), "proxy_net": proxy_net}
-    state = jax.tree.unflatten(self._param_def, jax.tree.leaves(model_params))
-    return nnx.merge(self._graph, state, self._other)
+          proxy_net[key] = modeling.cast_floating(proxy_net[key], dtype)
+      model_params = {**model_params, "backbone": modeling.cast_floating(model_params["backbone"], dtype),
+                      "task_prompts": modeling.cast_floating(model_params["task_prompts"], dtype),
+                      "proxy_net": proxy_net}
+    return self.model.merge(model_params, self.model.other, train=True)
 
   def _cls_features(self, net: VPTSPNet, tokens: jax.Array, prompts: dict[int, jax.Array]) -> jax.Array:
     vit = net.backbone
@@ -315,7 +299,7 @@ class VPTSPMethod(Method):
     h = jax.lax.stop_gradient(semantic)[classes]
     if self.opts["semantic_mix"] == "mix":
       # The code averages `stack([p[i::k] for i in range(k)])` over i: with k consecutive samples per
-      # class that is each class's mean (specs §1.4 calls it a bug; for this layout it is not one).
+      # class that is each class's mean (a bug for other layouts, not for this one).
       keep = self.opts["mix_keep_ratio"]
       h = keep * h + (1.0 - keep) * jnp.mean(per_class, axis=1)
     else:
@@ -329,8 +313,8 @@ class VPTSPMethod(Method):
   # -- Method interface -----------------------------------------------------------------------------
 
   def loss_fn(self, params: dict, method_state: dict, batch: dict, rng: jax.Array,
-              step_info: StepInfo) -> tuple[jax.Array, tuple[dict, dict]]:
-    del step_info
+              info: StepInfo) -> tuple[jax.Array, tuple[dict, dict]]:
+    del info
     labels = batch["label"]
     if labels.shape[0] != self.rows_per_batch * self.samples_per_class:
       raise ValueError(f"vptsp was built for batches of {self.rows_per_batch * self.samples_per_class}, got "
@@ -352,21 +336,11 @@ class VPTSPMethod(Method):
     net = self._net(params["model"])
     return self.sample_embeddings(net, net.backbone.embed(images))
 
-  def frozen_paths(self, params: dict) -> set[str]:
-    """Every ViT weight except, with BitFit, the biases (the code: `'bias' in name`)."""
-    frozen = set()
-    for keypath, _ in jax.tree_util.tree_flatten_with_path(params["model"]["backbone"])[0]:
-      names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in keypath]
-      if not (self.opts["bitfit"] and "bias" in names[-1]):
-        frozen.add("/".join(["model", "backbone"] + names))
-    return frozen
+  def host_state(self) -> RowSparseTables | None:
+    return self._host
 
-  def host_row_tables(self) -> dict[str, HostRowTable]:
-    """With the memory bank: one host table [C, n_l, D] per class-prompt layer (empty otherwise)."""
-    if not self.opts["memory_bank"]:
-      return {}
-    if self._graph is None:
-      raise RuntimeError("call method.init(rng) before host_row_tables()")
+  def _host_tables(self) -> dict[str, HostRowTable]:
+    """With the memory bank: one host table [C, n_l, D] per class-prompt layer."""
     std = prompt_init_std(self.num_classes, self.opts["num_class_prompts"], self.dim)
     shape_of = {layer: (n, self.dim) for layer, n in enumerate(self.class_counts)}
 
@@ -377,9 +351,9 @@ class VPTSPMethod(Method):
                                                        self.num_classes, shape, functools.partial(init, shape=shape))
             for layer, shape in shape_of.items()}
 
-  def batch_rows(self, labels: np.ndarray) -> np.ndarray:
+  def batch_rows(self, batch: HostBatch) -> np.ndarray:
     """The batch's classes in order (int [B/k]); checks the sampler's layout (k contiguous per class)."""
-    labels = np.asarray(labels)
+    labels = np.asarray(batch.label)
     k = self.samples_per_class
     if labels.ndim != 1 or labels.shape[0] % k:
       raise ValueError(f"labels of shape {labels.shape} do not form groups of samples_per_class={k}")
@@ -392,6 +366,3 @@ class VPTSPMethod(Method):
 
 def build(config: Any, num_classes: int) -> VPTSPMethod:
   return VPTSPMethod(config, num_classes=num_classes)
-
-
-register("vptsp", build)

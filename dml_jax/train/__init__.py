@@ -2,11 +2,11 @@
 
   optim        config regex rules -> parameter groups -> one optax chain per group (torch semantics)
   schedules    per-epoch learning-rate schedules (step, multistep, cosine), as torch's schedulers
-  step         the jitted, donated, data-parallel update step over a ('data',) mesh
-  checkpoint   orbax checkpoints: last N and best, with config and data-iterator state
+  step         the jitted, donated, data-parallel update step over a ('data',) mesh: the method's phases
+  checkpoint   orbax checkpoints: last N and best, with config, data-iterator state and host state
   logs         metrics.jsonl, TensorBoard events, the summary table
-  loop         fit(config, workdir): epochs, method hooks, evaluation, resume, NaN guard
-  config       the default config and the Proxy-Anchor recipe the configs/ files build on
+  loop         fit(config, workdir): epochs, method hooks and samplers, evaluation, resume, NaN guard
+  config       the engine's config keys and the checks run before anything is built
 
 Importing this package is cheap (config files import `dml_jax.train.config`); import the modules you use.
 """

@@ -5,9 +5,9 @@ Layout under the workdir:
   checkpoints/best/<step>/{state,meta[,host]}   the checkpoint with the best selection metric so far
 
 `state` is the train-state dict (parameters, optimizer state per group, method state, step, RNG key
-data); `meta` is JSON: the config, the epoch to run next, the data-iterator state, the phase, the
-selection metric, the best value so far; `host` (only for methods with host row tables) holds those
-tables and their optimizer moments as numpy arrays. Orbax writes each checkpoint to a temporary
+data); `meta` is JSON: the config, the epoch to run next, the data-iterator state, the selection metric,
+the best value so far; `host` (only for methods with host state, `Method.host_state()`) holds that
+state's `state_dict()` as numpy arrays. Orbax writes each checkpoint to a temporary
 directory and renames it when complete, so a run killed while saving leaves the previous checkpoint
 intact. Saves are synchronous: the state's buffers are donated to the next update step right after saving.
 """
@@ -18,7 +18,10 @@ import pathlib
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from dml_jax import pytree as tree_lib
 
 LAST = "last"
 BEST = "best"
@@ -51,7 +54,7 @@ class Checkpoints:
     return self._managers[which].latest_step()
 
   def save(self, step: int, state: Any, meta: dict, which: str = LAST, host: Any = None) -> None:
-    """host: optional nested dict of numpy arrays kept in host memory (a method's host row tables)."""
+    """host: optional nested dict of numpy arrays kept in host memory (a method's host state)."""
     items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     if host is not None:
       items["host"] = ocp.args.StandardSave(host)
@@ -79,3 +82,9 @@ class Checkpoints:
 def abstract_like(state: Any, sharding: jax.sharding.Sharding) -> Any:
   """ShapeDtypeStructs of `state` placed with `sharding` (what `restore` fills)."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+
+
+def array_shapes(state: Any) -> dict[str, list]:
+  """{'/'-joined path: [shape, dtype name]} of every array of a train state, for the checkpoint's meta (a
+  method may change parameter shapes between epochs; restore needs the saved ones)."""
+  return {path: [list(np.shape(x)), str(np.dtype(x.dtype))] for path, x in tree_lib.flatten(state).items()}

@@ -1,39 +1,43 @@
-"""The full default config (every key declared, so a typo on the command line is an error with close
-matches) and the Proxy-Anchor baseline recipe that the configs/ files specialise.
+"""The engine's config keys (every key declared, so a typo on the command line is an error with close
+matches) and the checks run before anything is built. Method keys (`config.method.*`) belong to the
+method: `dml_jax.methods.method_config(name)` gives them.
+
+A config file is one `get_config()` that starts from `default_config()`, puts the method's defaults under
+`config.method` and sets every value of its recipe visibly (see configs/*.py).
 
 Keys:
   seed                      model init, sampling, augmentation (the loader derives its streams from it)
   num_epochs                epochs to train
   compute_dtype             'float32' | 'bfloat16' (forward/backward; parameters and optimizer stay float32)
-  method.name               dml_jax.methods registry name ('metric_loss')
+  method.*                  the method's own keys; `method.name` is its registry name (dml_jax.methods)
   dataset.*                 name, data_root ('' = the dataset's default; digits: ~/.cache/dml_jax), source,
                             image_size, resize_size (eval: Resize -> CenterCrop image_size),
                             val_fraction (> 0: hold out that fraction of the TRAINING classes as a
                             validation split for model selection), skip_corrupt
-  data.*                    batch_size (global), sampler ('random' | 'm_per_class' | 'm_per_class_replace'),
-                            samples_per_class, steps_per_epoch (0 = len(train) // batch), eval_batch_size,
-                            num_threads, num_workers, augmentation (scale, ratio, flip, interpolation)
+  data.*                    batch_size (global), sampler ('random' | 'm_per_class' | 'm_per_class_replace';
+                            a method may supply its own per epoch), samples_per_class, steps_per_epoch
+                            (0 = len(train) // batch), eval_batch_size, num_threads, num_workers,
+                            augment ('base'), scale, ratio, flip, interpolation (RandomResizedCrop + flip)
   model.*                   backbone (registry name, optionally 'name.tag' for the preprocessing of that
                             tag), weights (converted weights directory, '' = random init),
-                            backbone_overrides (architecture kwargs), head, embedding_dim, bn_freeze,
-                            bn_affine_trainable (see methods/metric_loss.py)
-  loss.*                    name (dml_jax.losses), hparams (keyword arguments), param_options (initialisers)
-  optim.*                   see dml_jax/train/optim.py
+                            backbone_overrides (architecture kwargs), embedding_dim
+  optim.*                   optimizer settings and parameter groups, see dml_jax/train/optim.py
   eval.*                    every_epochs (0 = never), start_epoch (no evaluation, hence no selection, before
-                            it except at the last epoch; VPTSP's eval_start), before_training, protocol
-                            ('' = dataset.name), metrics, options (protocols.evaluate keywords), select_on
-                            ('test' as the seeds, or 'val'),
-                            select_metric ('recall@1', 'map@r', ...)
+                            it except at the last epoch), before_training, protocol ('' = dataset.name),
+                            metrics, options (protocols.evaluate keywords), select_on ('test' as the seeds,
+                            or 'val'), select_metric ('recall@1', 'map@r', ...)
   checkpoint.*              keep_last, keep_best, every_steps (0 = at epoch ends only)
   log.*                     every_steps, tensorboard, progress (tqdm bars)
 """
 
 from __future__ import annotations
 
+import difflib
+from typing import Any
+
 import ml_collections
 
-# Backbones -> (head, BN facts) as the Proxy-Anchor code builds them (specs/proxyisa_dfml.md §1.3).
-_CNN_HEAD = "gap_gmp_linear"
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -47,20 +51,16 @@ def default_config() -> ml_collections.ConfigDict:
       skip_corrupt=False))
   c.data = ml_collections.ConfigDict(dict(
       batch_size=120, sampler="random", samples_per_class=2, steps_per_epoch=0, eval_batch_size=128,
-      num_threads=8, num_workers=0, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip=True, interpolation="bilinear"))
+      num_threads=8, num_workers=0, augment="base", scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip=True,
+      interpolation="bilinear"))
   c.model = ml_collections.ConfigDict(dict(
-      backbone="resnet50", weights="", backbone_overrides=ml_collections.ConfigDict(), head=_CNN_HEAD,
-      embedding_dim=512, bn_freeze=True, bn_affine_trainable=False))
-  c.loss = ml_collections.ConfigDict(dict(
-      name="proxy_anchor", hparams=ml_collections.ConfigDict(dict(alpha=32.0, margin=0.1)),
-      param_options=ml_collections.ConfigDict()))
+      backbone="resnet50", weights="", backbone_overrides=ml_collections.ConfigDict(), embedding_dim=512))
   c.optim = ml_collections.ConfigDict(dict(
       optimizer="adamw", lr=1e-4, weight_decay=1e-4, b1=0.9, b2=0.999, eps=1e-8, momentum=0.9, nesterov=False,
-      clip_value=10.0,
-      schedule=ml_collections.ConfigDict(dict(name="step", step_size=10, gamma=0.5, milestones=(), t_max=1,
+      clip_value=0.0,
+      schedule=ml_collections.ConfigDict(dict(name="constant", step_size=10, gamma=0.5, milestones=(), t_max=1,
                                               eta_min=0.0, offset=0)),
-      warmup_epochs=0, warmup_trainable="model/head/.*|loss/.*", frozen="",
-      groups=(("loss/.*", dict(name="loss_params", lr_mult=100.0)),)))
+      groups=()))
   c.eval = ml_collections.ConfigDict(dict(
       every_epochs=1, start_epoch=0, before_training=False, protocol="", metrics=("recall", "r_precision", "map@r"),
       options=ml_collections.ConfigDict(), select_on="test", select_metric="recall@1"))
@@ -69,60 +69,45 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-# Proxy-Anchor README commands (specs/proxyisa_dfml.md §2; defaults AdamW, wd 1e-4, gamma 0.5, 60 epochs,
-# seed 1). ResNet-50 for SOP / In-Shop has no README command: see the configs' docstrings.
-PROXY_ANCHOR_RECIPES = {
-    ("cub200", "bn_inception"): dict(batch=180, lr=1e-4, warm=1, bn_freeze=True, step=10, gamma=0.5),
-    ("cars196", "bn_inception"): dict(batch=180, lr=1e-4, warm=1, bn_freeze=True, step=20, gamma=0.5),
-    ("sop", "bn_inception"): dict(batch=180, lr=6e-4, warm=1, bn_freeze=False, step=20, gamma=0.25),
-    ("inshop", "bn_inception"): dict(batch=180, lr=6e-4, warm=1, bn_freeze=False, step=20, gamma=0.25),
-    ("cub200", "resnet50"): dict(batch=120, lr=1e-4, warm=5, bn_freeze=True, step=5, gamma=0.5),
-    ("cars196", "resnet50"): dict(batch=120, lr=1e-4, warm=5, bn_freeze=True, step=10, gamma=0.5),
-    ("sop", "resnet50"): dict(batch=120, lr=6e-4, warm=1, bn_freeze=False, step=20, gamma=0.25),
-    ("inshop", "resnet50"): dict(batch=120, lr=6e-4, warm=1, bn_freeze=False, step=20, gamma=0.25),
-}
+def _as_dict(value: Any) -> Any:
+  return value.to_dict() if hasattr(value, "to_dict") else value
 
 
-def proxy_anchor_config(dataset: str, backbone: str) -> ml_collections.ConfigDict:
-  """The Proxy-Anchor code's recipe for (dataset, backbone), specs/proxyisa_dfml.md §1.2–1.6 and §2.
+def check_method_keys(config: Any) -> None:
+  """config.method holds exactly the keys its method declares (`method_config(name)`).
 
-  Faithful details: AdamW (decoupled wd 1e-4 on every group incl. proxies and BN), proxies at 100x lr,
-  element-wise gradient clamp at 10, StepLR per epoch (warm-up epochs count), warm-up epochs train only
-  the embedding layer and the proxies, GAP+GMP summed -> Linear -> L2, random batches (drop_last),
-  evaluation and best-R@1 selection on the test split every epoch. With bn_freeze the BN statistics are
-  frozen all run and BN scale/bias train only after warm-up (their code re-enables them at the end of
-  warm-up); without it BN trains normally (BN-Inception with torch momentum 0.9, as their net file builds it).
+  Top-level keys only: sections such as a loss's keyword arguments are free-form, and a command-line typo
+  inside them is already caught by the locked config with close matches.
   """
-  recipe = PROXY_ANCHOR_RECIPES[(dataset, backbone)]
-  c = default_config()
-  c.seed = 1
-  c.num_epochs = 60
-  c.dataset.name = dataset
-  c.data.batch_size = recipe["batch"]
-  c.data.sampler = "random"
-  c.model.backbone = {"resnet50": "resnet50.tv_in1k", "bn_inception": "bn_inception"}[backbone]
-  c.model.head = _CNN_HEAD
-  c.model.embedding_dim = 512
-  c.model.bn_freeze = recipe["bn_freeze"]
-  # Their warm-up block sets requires_grad=True on every backbone parameter at epoch `warm`, BN affine
-  # included; with warm = 0 the block never runs and bn_freeze keeps scale/bias frozen for good.
-  c.model.bn_affine_trainable = (not recipe["bn_freeze"]) or recipe["warm"] > 0
-  if backbone == "bn_inception" and not recipe["bn_freeze"]:
-    c.model.backbone_overrides = ml_collections.ConfigDict(dict(bn_momentum=0.9))
-  c.loss.name = "proxy_anchor"
-  c.loss.hparams = ml_collections.ConfigDict(dict(alpha=32.0, margin=0.1))
-  c.optim.optimizer = "adamw"
-  c.optim.lr = recipe["lr"]
-  c.optim.weight_decay = 1e-4
-  c.optim.clip_value = 10.0
-  c.optim.schedule.name = "step"
-  c.optim.schedule.step_size = recipe["step"]
-  c.optim.schedule.gamma = recipe["gamma"]
-  c.optim.warmup_epochs = recipe["warm"]
-  c.optim.warmup_trainable = "model/head/.*|loss/.*"
-  c.optim.groups = (("loss/.*", dict(name="proxies", lr_mult=100.0)),)
-  c.eval.every_epochs = 1
-  c.eval.select_on = "test"
-  c.eval.select_metric = "recall@1"
-  c.eval.metrics = ("recall",)
-  return c
+  from dml_jax import methods  # local: config files import this module and must stay light
+
+  name = config.method.name
+  declared = _as_dict(methods.method_config(name))
+  given = _as_dict(config.method)
+  unknown = sorted(set(given) - set(declared))
+  missing = sorted(set(declared) - set(given))
+  if unknown:
+    hints = {k: difflib.get_close_matches(k, list(declared), n=2) for k in unknown}
+    raise ValueError(f"config.method: unknown keys {unknown} for method {name!r} (close matches: {hints}); its "
+                     f"keys: {sorted(declared)}")
+  if missing:
+    raise ValueError(f"config.method: method {name!r} needs the keys {missing}; start the config's method "
+                     f"section from dml_jax.methods.method_config({name!r})")
+
+
+def check_config(config: Any, *, num_devices: int = 1) -> None:
+  """Stops, before anything is built, on values the engine cannot run."""
+  check_method_keys(config)
+  for key in ("batch_size", "eval_batch_size"):
+    value = config.data[key]
+    if value < 1 or value % num_devices:
+      raise ValueError(f"config.data.{key}={value} must be a positive multiple of the {num_devices} devices")
+  if config.eval.select_on not in ("test", "val"):
+    raise ValueError(f"config.eval.select_on must be 'test' or 'val', got {config.eval.select_on!r}")
+  if config.eval.select_on == "val" and not config.dataset.val_fraction > 0:
+    raise ValueError("config.eval.select_on='val' needs config.dataset.val_fraction > 0 (the held-out share of "
+                     "the training classes)")
+  if config.compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"config.compute_dtype must be one of {COMPUTE_DTYPES}, got {config.compute_dtype!r}")
+  if config.num_epochs < 1:
+    raise ValueError(f"config.num_epochs must be >= 1, got {config.num_epochs}")

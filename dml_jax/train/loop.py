@@ -1,13 +1,17 @@
 """`fit(config, workdir)`: epochs of the one update step, method hooks, evaluation, checkpoints, logs.
 
 Resuming: when `<workdir>/checkpoints/last` holds a checkpoint, `fit` continues from it (parameters,
-optimizer state per group, method state, RNG, data-iterator position, best-so-far), so a run stopped
-after an epoch and started again produces the same losses as one that never stopped.
+optimizer state per group, method state, host state, RNG, data-iterator position, best-so-far), so a run
+stopped after an epoch (or mid-epoch, with checkpoint.every_steps) and started again produces the same
+losses as one that never stopped.
 
 Model selection: `eval.select_on = 'test'` keeps the checkpoint with the best `eval.select_metric` on
 the TEST split, as the seed papers' code does (an optimistic protocol; the log says so). 'val' selects
 on a validation split carved from the training classes (`dataset.val_fraction`), and reports the test
 metrics of the selected epoch.
+
+The engine names no method: everything a method adds (phases, samplers, host state, epoch hooks) comes
+through `dml_jax.methods.base.Method`.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import functools
 import json
 import pathlib
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import numpy as np
@@ -25,34 +29,57 @@ import tqdm
 
 from dml_jax import data as data_lib
 from dml_jax import methods as methods_lib
+from dml_jax import pytree as tree_lib
 from dml_jax.eval import embed as embed_lib
 from dml_jax.eval import protocols
+from dml_jax.methods.base import HostBatch
 from dml_jax.train import checkpoint as ckpt_lib
+from dml_jax.train import config as config_lib
 from dml_jax.train import logs
 from dml_jax.train import optim
-from dml_jax.train import row_sparse
 from dml_jax.train import step as step_lib
-from dml_jax.train import tree as tree_lib
 
 
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or Inf; training stopped, the last checkpoint on disk predates it."""
 
 
-@dataclasses.dataclass
-class TrainContext:
-  """What method hooks may use between epochs (see dml_jax/methods/__init__.py)."""
-
-  config: Any
-  mesh: jax.sharding.Mesh
-  steps_per_epoch: int
-  embed_records: Callable[[dict, Any], tuple[np.ndarray, np.ndarray]]
-  log: Callable[[str], None]
-
-
 def _echo(text: str) -> None:
   if jax.process_index() == 0:
     tqdm.tqdm.write(text)
+
+
+def _format_metrics(values: Mapping[str, float]) -> str:
+  return ", ".join(f"{k} {100 * v:.2f}" for k, v in values.items())
+
+
+@dataclasses.dataclass
+class TrainContext:
+  """What method hooks may use between epochs (see dml_jax/methods/base.py)."""
+
+  config: Any
+  mesh: jax.sharding.Mesh
+  train_records: data_lib.Records
+  steps_per_epoch: int
+  log: Callable[[str], None]
+  _trainer: Trainer
+
+  def embed_records(self, state: dict, records: data_lib.Records, feature: str | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Eval-mode features of `records` (eval transforms, all devices): (float32 [N, F], labels int64 [N]),
+    in record order. feature: None = the evaluation embedding, else a key of `Method.feature_fns()`."""
+    emb, labels, indices = self._trainer.embed(state, self._trainer.eval_loader(records), "embed", feature)
+    order = np.argsort(indices, kind="stable")
+    return emb[order], labels[order]
+
+  def set_params(self, state: dict, values: Mapping[str, Any]) -> dict:
+    """The train state with the parameters at these '/'-joined paths replaced (shapes may change); the
+    groups holding them restart their optimizer state (as a re-created torch parameter group)."""
+    return self._trainer.set_params(state, values)
+
+  def reset_optimizer(self, state: dict, group_names: Iterable[str]) -> dict:
+    """The train state with fresh optimizer states for the named groups (settings names)."""
+    return self._trainer.reset_optimizer(state, group_names)
 
 
 def carve_validation(records: data_lib.Records, fraction: float, seed: int):
@@ -74,35 +101,43 @@ def carve_validation(records: data_lib.Records, fraction: float, seed: int):
   return train, val
 
 
-def _check_config(config: Any, num_devices: int) -> None:
-  for key in ("batch_size", "eval_batch_size"):
-    value = config.data[key]
-    if value < 1 or value % num_devices:
-      raise ValueError(f"config.data.{key}={value} must be a positive multiple of the {num_devices} devices")
-  if config.eval.select_on not in ("test", "val"):
-    raise ValueError(f"config.eval.select_on must be 'test' or 'val', got {config.eval.select_on!r}")
-  if config.eval.select_on == "val" and not config.dataset.val_fraction > 0:
-    raise ValueError("config.eval.select_on='val' needs config.dataset.val_fraction > 0 (the held-out share of "
-                     "the training classes)")
-  if config.compute_dtype not in ("float32", "bfloat16"):
-    raise ValueError(f"config.compute_dtype must be 'float32' or 'bfloat16', got {config.compute_dtype!r}")
+@dataclasses.dataclass
+class _Progress:
+  """Where a run is: the epoch to run next, the best selection so far, a mid-epoch data position."""
+
+  epoch: int = 0
+  best: dict | None = None
+  data_state: dict | None = None
 
 
 class Trainer:
   """Builds everything `fit` needs from a config; `run()` trains, `evaluate_checkpoint()` evaluates."""
 
   def __init__(self, config: Any, workdir: str | pathlib.Path):
+    self.mesh = step_lib.make_mesh()
+    config_lib.check_config(config, num_devices=self.mesh.size)
     self.config = config
     self.workdir = pathlib.Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
-    self.mesh = step_lib.make_mesh()
-    _check_config(config, self.mesh.size)
     self.is_main = jax.process_index() == 0
-    ds = config.dataset
+    self._load_data()
+    self._build_method()
+    self.train_loader = self._train_loader(self.default_sampler)
+    self._eval_loaders = {name: self.eval_loader(recs) for name, recs in self.eval_splits.items()}
+    self.checkpoints = ckpt_lib.Checkpoints(self.workdir, keep_last=config.checkpoint.keep_last,
+                                            keep_best=config.checkpoint.keep_best)
+    self.logger = logs.MetricLogger(self.workdir, tensorboard=config.log.tensorboard, enabled=self.is_main)
+    self.ctx = TrainContext(config=config, mesh=self.mesh, train_records=self.train_records,
+                            steps_per_epoch=len(self.train_loader), log=_echo, _trainer=self)
+
+  # -- construction ---------------------------------------------------------------------------------
+
+  def _load_data(self) -> None:
+    c, ds = self.config, self.config.dataset
     splits = data_lib.load_dataset(ds.name, ds.data_root or None, source=ds.source, skip_corrupt=ds.skip_corrupt,
-                                   num_threads=config.data.num_threads)
+                                   num_threads=c.data.num_threads)
     self.dataset_name = splits.name
-    self.protocol = config.eval.protocol or ds.name
+    self.protocol = c.eval.protocol or ds.name
     test_protocol = protocols.get_protocol(self.protocol)  # fail now, not after an epoch
     # The validation split is same-source (leave-one-out) even when the test split is query/gallery.
     self.val_protocol = "cub200" if test_protocol.query_gallery else self.protocol
@@ -110,78 +145,108 @@ class Trainer:
     train_records = splits.train
     self.eval_splits: dict[str, Any] = {"test": splits.eval}
     if ds.val_fraction > 0:
-      train_records, val_records = carve_validation(train_records, float(ds.val_fraction), config.seed)
+      train_records, val_records = carve_validation(train_records, float(ds.val_fraction), c.seed)
       self.eval_splits = {"val": val_records, "test": splits.eval}
     self.train_records = train_records
 
-    self.method = methods_lib.build(config, num_classes=train_records.num_classes)
-    init_rng, self.train_rng = jax.random.split(jax.random.key(config.seed))
+  def _build_method(self) -> None:
+    c = self.config
+    self.method = methods_lib.build(c, num_classes=self.train_records.num_classes)
+    init_rng, self.train_rng = jax.random.split(jax.random.key(c.seed))
     params, method_state = self.method.init(init_rng)
     self.param_keys = tree_lib.key_index(params)
-    self.plan = optim.ParamPlan(config.optim, list(self.param_keys),
-                                method_frozen=self.method.frozen_paths(params))
+    self.plan = optim.ParamPlan(c.optim, list(self.param_keys), selectors=self.method.param_selectors(params))
     self.initial_params, self._init_method_state = params, method_state
-    tables = self.method.host_row_tables()
-    # Tables too large for the accelerator (VPTSP's class prompts on SOP / In-Shop / iNaturalist) stay in
-    # host memory; only the batch's rows travel (row_sparse.py).
-    self.host_tables = row_sparse.HostRowBank(tables, self.param_keys, seed=config.seed) if tables else None
+    self.host = self.method.host_state()
     self.steps = step_lib.StepCache(self.method, self.mesh, self.param_keys)
     self.repl = step_lib.replicated(self.mesh)
+    d = c.data
+    self.default_sampler = data_lib.make_sampler(
+        self.train_records, batch_size=d.batch_size, sampler=d.sampler, samples_per_class=d.samples_per_class,
+        seed=c.seed, steps_per_epoch=d.steps_per_epoch or None)
 
-    d = config.data
-    pcfg = self.method.pretrained_cfg
-    self.train_loader = data_lib.make_train_loader(
-        train_records, batch_size=d.batch_size, pretrained_cfg=pcfg, image_size=ds.image_size, sampler=d.sampler,
-        samples_per_class=d.samples_per_class, seed=config.seed, num_threads=d.num_threads,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        steps_per_epoch=d.steps_per_epoch or None, scale=tuple(d.scale), ratio=tuple(d.ratio), flip=d.flip,
-        interpolation=d.interpolation, num_workers=d.num_workers)
-    if len(self.train_loader) < 1:
-      raise ValueError(f"{len(train_records)} training images give no full batch of {d.batch_size}")
-    self.eval_loaders = {name: self._eval_loader(recs) for name, recs in self.eval_splits.items()}
-    self.checkpoints = ckpt_lib.Checkpoints(self.workdir, keep_last=config.checkpoint.keep_last,
-                                            keep_best=config.checkpoint.keep_best)
-    self.logger = logs.MetricLogger(self.workdir, tensorboard=config.log.tensorboard, enabled=self.is_main)
+  def _train_loader(self, sampler: data_lib.BatchSampler) -> data_lib.TrainLoader:
+    c, d = self.config, self.config.data
+    return data_lib.make_train_loader(
+        self.train_records, batch_size=d.batch_size, pretrained_cfg=self.method.pretrained_cfg,
+        image_size=c.dataset.image_size, sampler=sampler, seed=c.seed, num_threads=d.num_threads,
+        process_index=jax.process_index(), process_count=jax.process_count(), scale=tuple(d.scale),
+        ratio=tuple(d.ratio), flip=d.flip, interpolation=d.interpolation, num_workers=d.num_workers,
+        augment=d.augment)
 
-  # -- pieces -------------------------------------------------------------------------------------
-
-  def _eval_loader(self, records):
+  def eval_loader(self, records: data_lib.Records) -> data_lib.EvalLoader:
     c = self.config
     return data_lib.make_eval_loader(
         records, batch_size=c.data.eval_batch_size, pretrained_cfg=self.method.pretrained_cfg,
         image_size=c.dataset.image_size, resize_size=c.dataset.resize_size, num_threads=c.data.num_threads,
-        interpolation=c.data.interpolation)
+        interpolation=c.data.interpolation, process_index=jax.process_index(),
+        process_count=jax.process_count())
 
-  def _fresh_state(self, phase: optim.Phase) -> dict:
-    opt_state = optim.init_group_states(phase, self.initial_params)
+  # -- train state ----------------------------------------------------------------------------------
+
+  def _fresh_state(self, groups: optim.EpochGroups) -> dict:
+    opt_state = optim.init_group_states(groups, self.initial_params)
     state = step_lib.init_train_state(self.initial_params, self._init_method_state, opt_state, self.train_rng)
     return jax.device_put(state, self.repl)
 
-  def _abstract_state(self, phase: optim.Phase) -> dict:
-    shapes = jax.eval_shape(lambda p: optim.init_group_states(phase, p), self.initial_params)
-    state = step_lib.init_train_state(self.initial_params, self._init_method_state, shapes, self.train_rng)
-    return ckpt_lib.abstract_like(state, self.repl)
+  def _abstract_state(self, groups: optim.EpochGroups, meta: dict, step: int, which: str) -> dict:
+    """The shapes a checkpoint restores into: the run's structure with the saved shapes (a method may
+    have changed parameter shapes between epochs)."""
+    saved = {p: (tuple(shape), np.dtype(dtype)) for p, (shape, dtype) in meta["array_shapes"].items()}
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), self.initial_params)
+    template = step_lib.init_train_state(
+        params, self._init_method_state, jax.eval_shape(lambda p: optim.init_group_states(groups, p), params),
+        self.train_rng)
+    flat = tree_lib.flatten(template)
+    missing, unexpected = sorted(set(flat) - set(saved)), sorted(set(saved) - set(flat))
+    if missing or unexpected:
+      raise ValueError(f"checkpoint step {step} ({which}) was written by a different setup: arrays missing "
+                       f"{missing[:6]}, unexpected {unexpected[:6]} (same config and --workdir?)")
+    return tree_lib.map_with_paths(
+        lambda p, _: jax.ShapeDtypeStruct(saved[p][0], saved[p][1], sharding=self.repl), template)
 
-  def embed_records(self, state: dict, records) -> tuple[np.ndarray, np.ndarray]:
-    emb, labels, _ = self._embed_loader(state, self._eval_loader(records), "embed")
-    return emb, labels
+  def set_params(self, state: dict, values: Mapping[str, Any]) -> dict:
+    unknown = sorted(set(values) - set(self.param_keys))
+    if unknown:
+      raise KeyError(f"set_params: unknown parameter paths {unknown}; paths look like {list(self.param_keys)[:4]}")
+    flat = {**tree_lib.flatten(state["params"]), **{p: jax.numpy.asarray(v) for p, v in values.items()}}
+    params = jax.device_put(tree_lib.nest(flat, self.param_keys), self.repl)
+    labels = {label for label, _, paths in self.groups.groups if set(paths) & set(values)}
+    opt_state = optim.init_group_states(self.groups, params, state["opt_state"], self.groups, fresh=labels)
+    return {**state, "params": params, "opt_state": jax.device_put(opt_state, self.repl)}
 
-  def _embed_loader(self, state: dict, loader, desc: str):
-    fn = functools.partial(self.steps.embed, state["params"], state["method_state"])
-    return embed_lib.embed_dataset(fn, loader, mesh=self.mesh, desc=desc)
+  def reset_optimizer(self, state: dict, group_names: Iterable[str]) -> dict:
+    labels = set(self.groups.labels_of(tuple(group_names)))
+    opt_state = optim.init_group_states(self.groups, state["params"], state["opt_state"], self.groups, fresh=labels)
+    return {**state, "opt_state": jax.device_put(opt_state, self.repl)}
 
-  def evaluate(self, state: dict, split: str) -> dict[str, float]:
-    records = self.eval_splits[split]
-    emb, labels, indices = self._embed_loader(state, self.eval_loaders[split], f"embed {split}")
-    c = self.config.eval
-    protocol, options = (self.val_protocol, {**dict(c.options), **self.val_options}) if split == "val" else (
-        self.protocol, dict(c.options))
-    return protocols.evaluate(protocol, emb, labels, records.roles[indices], metrics=list(c.metrics), **options)
+  def _start(self) -> tuple[dict, _Progress]:
+    """A fresh train state, or the newest checkpoint's (with the host state restored)."""
+    latest = self.checkpoints.latest_step()
+    if latest is None:
+      self.groups = self.plan.groups(0)
+      self.logger.write("config", step=0, epoch=0, config=json.loads(self.config.to_json_best_effort()))
+      return self._fresh_state(self.groups), _Progress()
+    meta = self.checkpoints.read_meta(latest)
+    self._log_config_differences(meta["config"])
+    self.groups = self.plan.groups(meta["phase_epoch"])
+    state, meta = self.checkpoints.restore(latest, self._abstract_state(self.groups, meta, latest, ckpt_lib.LAST))
+    if self.host is not None:
+      self.host.load_state_dict(self.checkpoints.restore_host(latest))
+    progress = _Progress(epoch=meta["epoch"], best=meta["best"], data_state=meta["data_state"])
+    _echo(f"resumed from {self.checkpoints.root / ckpt_lib.LAST / str(latest)}: epoch {progress.epoch}, step "
+          f"{latest}" + (f", batch {progress.data_state['step']} of the epoch" if progress.data_state else ""))
+    return state, progress
 
-  def _meta(self, *, epoch: int, phase_epoch: int, data_state: Any, best: dict | None, step: int) -> dict:
-    return {"epoch": epoch, "phase_epoch": phase_epoch, "step": step, "data_state": data_state, "best": best,
-            "select_on": self.config.eval.select_on, "select_metric": self.config.eval.select_metric,
-            "config": json.loads(self.config.to_json_best_effort())}
+  def _save(self, state: dict, progress: _Progress, *, step: int, phase_epoch: int, best_too: bool = False) -> None:
+    meta = {"epoch": progress.epoch, "phase_epoch": phase_epoch, "step": step, "data_state": progress.data_state,
+            "best": progress.best, "select_on": self.config.eval.select_on,
+            "select_metric": self.config.eval.select_metric,
+            "config": json.loads(self.config.to_json_best_effort()), "array_shapes": ckpt_lib.array_shapes(state)}
+    host = self.host.state_dict() if self.host is not None else None
+    self.checkpoints.save(step, state, meta, host=host)
+    if best_too and self.config.checkpoint.keep_best:
+      self.checkpoints.save(step, state, meta, which=ckpt_lib.BEST, host=host)
 
   def _log_config_differences(self, saved: dict) -> None:
     now = json.loads(self.config.to_json_best_effort())
@@ -198,7 +263,19 @@ class Trainer:
     if diffs:
       _echo("resuming with a config that differs from the checkpoint's:\n  " + "\n  ".join(diffs))
 
-  # -- evaluation only ----------------------------------------------------------------------------
+  # -- evaluation -----------------------------------------------------------------------------------
+
+  def embed(self, state: dict, loader, desc: str, feature: str | None = None):
+    fn = functools.partial(self.steps.embed, state["params"], state["method_state"], feature=feature)
+    return embed_lib.embed_dataset(fn, loader, mesh=self.mesh, desc=desc, progress=self.config.log.progress)
+
+  def evaluate(self, state: dict, split: str) -> dict[str, float]:
+    records = self.eval_splits[split]
+    emb, labels, indices = self.embed(state, self._eval_loaders[split], f"embed {split}")
+    c = self.config.eval
+    protocol, options = (self.val_protocol, {**dict(c.options), **self.val_options}) if split == "val" else (
+        self.protocol, dict(c.options))
+    return protocols.evaluate(protocol, emb, labels, records.roles[indices], metrics=list(c.metrics), **options)
 
   def evaluate_checkpoint(self, which: str = ckpt_lib.BEST) -> dict[str, dict[str, float]]:
     step = self.checkpoints.latest_step(which)
@@ -208,188 +285,155 @@ class Trainer:
     if step is None:
       raise FileNotFoundError(f"no checkpoint under {self.checkpoints.root}; train first (same --workdir)")
     meta = self.checkpoints.read_meta(step, which)
-    state, meta = self.checkpoints.restore(step, self._abstract_state(self.plan.phase(meta["phase_epoch"])), which)
+    self.groups = self.plan.groups(meta["phase_epoch"])
+    state, meta = self.checkpoints.restore(step, self._abstract_state(self.groups, meta, step, which), which)
     results = {}
     for split in self.eval_splits:
       results[split] = self.evaluate(state, split)
       self.logger.write("eval", step=step, epoch=meta["epoch"], split=split, checkpoint=which, **results[split])
       _echo(f"{which} checkpoint (step {step}, after epoch {meta['epoch'] - 1}) on {split}: "
-            + ", ".join(f"{k} {100 * v:.2f}" for k, v in results[split].items()))
+            + _format_metrics(results[split]))
     return results
 
-  # -- training -----------------------------------------------------------------------------------
+  def _evaluate_epoch(self, state: dict, epoch: int, history: list[dict]) -> dict[str, dict[str, float]]:
+    row = {}
+    step = int(state["step"])
+    for split in self.eval_splits:
+      res = self.evaluate(state, split)
+      self.logger.write("eval", step=step, epoch=epoch, split=split, **res)
+      history.append({"epoch": epoch if epoch >= 0 else "before", "split": split, **res})
+      row[split] = res
+      _echo((f"epoch {epoch} {split}: " if epoch >= 0 else f"before training, {split}: ") + _format_metrics(res))
+    return row
+
+  def _select(self, row: dict[str, dict[str, float]], epoch: int, step: int, progress: _Progress) -> bool:
+    """Updates the best-so-far with this epoch's evaluation; True when this epoch is the new best."""
+    split, metric = self.config.eval.select_on, self.config.eval.select_metric
+    if metric not in row[split]:
+      raise KeyError(f"eval.select_metric {metric!r} is not among the evaluated metrics {sorted(row[split])}; "
+                     f"add it to eval.metrics")
+    value = float(row[split][metric])
+    if progress.best is not None and value <= progress.best["value"]:
+      return False
+    progress.best = {"value": value, "epoch": epoch, "step": step, "split": split, "metric": metric,
+                     "test": row["test"]}
+    return True
+
+  def _evaluates_after(self, epoch: int) -> bool:
+    c = self.config.eval
+    last = epoch + 1 == self.config.num_epochs
+    return bool(c.every_epochs) and (last or (epoch >= c.start_epoch and (epoch + 1) % c.every_epochs == 0))
+
+  # -- training -------------------------------------------------------------------------------------
 
   def run(self) -> dict:
     c = self.config
-    steps_per_epoch = len(self.train_loader)
-    select_split, select_metric = c.eval.select_on, c.eval.select_metric
     t_start = time.perf_counter()
-    if select_split == "test":
-      _echo(f"model selection: best {select_metric} on the TEST split, as the seed papers' code does "
-            f"(optimistic; set eval.select_on='val' with dataset.val_fraction > 0 for a held-out choice)")
-    else:
-      _echo(f"model selection: best {select_metric} on a validation split of "
-            f"{self.eval_splits['val'].num_classes} held-out training classes")
-
-    latest = self.checkpoints.latest_step()
-    data_state = None
-    if latest is None:
-      epoch, best = 0, None
-      phase = self.plan.phase(0)
-      state = self._fresh_state(phase)
-      self.logger.write("config", step=0, epoch=0, config=json.loads(c.to_json_best_effort()))
-    else:
-      meta = self.checkpoints.read_meta(latest)
-      self._log_config_differences(meta["config"])
-      phase = self.plan.phase(meta["phase_epoch"])
-      state, meta = self.checkpoints.restore(latest, self._abstract_state(phase))
-      if self.host_tables is not None:
-        self.host_tables.load_state_dict(self.checkpoints.restore_host(latest))
-      epoch, best, data_state = meta["epoch"], meta["best"], meta["data_state"]
-      _echo(f"resumed from {self.checkpoints.root / ckpt_lib.LAST / str(latest)}: epoch {epoch}, step {latest}"
-            + (f", batch {data_state['step']} of the epoch" if data_state else ""))
+    self._announce_selection()
+    state, progress = self._start()
+    fresh = self.checkpoints.latest_step() is None
     _echo(f"{self.method.name} on {self.dataset_name}: {len(self.train_records)} training images, "
-          f"{self.train_records.num_classes} classes, {steps_per_epoch} steps/epoch of {c.data.batch_size} images "
-          f"on {self.mesh.size} device(s) ({jax.devices()[0].platform})\n"
-          + self.plan.describe(tree_lib.flatten(self.initial_params), 0) + "\n" + self._parameter_counts(phase))
-
-    history = self._previous_evaluations(epoch) if latest is not None else []
-    ctx = TrainContext(config=c, mesh=self.mesh, steps_per_epoch=steps_per_epoch,
-                       embed_records=self.embed_records, log=_echo)
-    if latest is None and c.eval.before_training:
-      for split in self.eval_splits:
-        res = self.evaluate(state, split)
-        self.logger.write("eval", step=0, epoch=-1, split=split, **res)
-        history.append({"epoch": "before", "split": split, **res})
-        _echo(f"before training, {split}: " + ", ".join(f"{k} {100 * v:.2f}" for k, v in res.items()))
+          f"{self.train_records.num_classes} classes, {len(self.train_loader)} steps/epoch of {c.data.batch_size} "
+          f"images on {self.mesh.size} device(s) ({jax.devices()[0].platform})\n"
+          + self.plan.describe(tree_lib.flatten(self.initial_params)) + "\n" + self._parameter_counts())
+    history = [] if fresh else self._previous_evaluations(progress.epoch)
+    if fresh and c.eval.before_training:
+      self._evaluate_epoch(state, -1, history)
 
     images_seen, train_time = 0, 0.0
-    for epoch in range(epoch, c.num_epochs):
-      new_phase = self.plan.phase(epoch)
-      if new_phase != phase:
-        opt_state = optim.init_group_states(new_phase, state["params"], state["opt_state"], phase)
-        state = {**state, "opt_state": jax.device_put(opt_state, self.repl)}
-        fresh = sorted(set(new_phase.labels) - set(phase.labels))
-        _echo(f"epoch {epoch}: trainable set changes; new optimizer groups (fresh state): {fresh}")
-        phase = new_phase
-      state = self.method.on_epoch_start(epoch, state, ctx)
-      update = self.steps.update_fn(phase, self.method.step_variant(epoch))
-      lrs, epoch_arg = step_lib.learning_rate_args(phase, epoch)
-      iterator = self.train_loader.epoch(epoch, state=data_state)
-      data_state = None
-      state, seen, seconds = self._train_epoch(epoch, state, update, lrs, epoch_arg, iterator, best)
+    for epoch in range(progress.epoch, c.num_epochs):
+      state = self._begin_epoch(epoch, state, mid_epoch=progress.data_state is not None)
+      iterator = self.train_loader.epoch(epoch, state=progress.data_state)
+      progress.data_state = None
+      state, seen, seconds = self._train_epoch(epoch, state, iterator, progress)
       images_seen, train_time = images_seen + seen, train_time + seconds
-      state = self.method.on_epoch_end(epoch, state, ctx)
+      state = self.method.on_epoch_end(epoch, state, self.ctx)
       step = int(state["step"])
-
-      last_epoch = epoch + 1 == c.num_epochs
       is_best = False
-      if c.eval.every_epochs and (last_epoch or (epoch >= c.eval.start_epoch and
-                                                  (epoch + 1) % c.eval.every_epochs == 0)):
-        row: dict[str, Any] = {"epoch": epoch}
-        for split in self.eval_splits:
-          res = self.evaluate(state, split)
-          self.logger.write("eval", step=step, epoch=epoch, split=split, **res)
-          history.append({"epoch": epoch, "split": split, **res})
-          row[split] = res
-          _echo(f"epoch {epoch} {split}: " + ", ".join(f"{k} {100 * v:.2f}" for k, v in res.items()))
-        if select_metric not in row[select_split]:
-          raise KeyError(f"eval.select_metric {select_metric!r} is not among the evaluated metrics "
-                         f"{sorted(row[select_split])}; add it to eval.metrics")
-        value = float(row[select_split][select_metric])
-        if best is None or value > best["value"]:
-          is_best = True
-          best = {"value": value, "epoch": epoch, "step": step, "split": select_split, "metric": select_metric,
-                  "test": row["test"]}
-      meta = self._meta(epoch=epoch + 1, phase_epoch=epoch, data_state=None, best=best, step=step)
-      host = self.host_tables.state_dict() if self.host_tables is not None else None
-      self.checkpoints.save(step, state, meta, host=host)
-      if is_best and c.checkpoint.keep_best:
-        self.checkpoints.save(step, state, meta, which=ckpt_lib.BEST, host=host)
+      if self._evaluates_after(epoch):
+        is_best = self._select(self._evaluate_epoch(state, epoch, history), epoch, step, progress)
+      progress.epoch = epoch + 1
+      self._save(state, progress, step=step, phase_epoch=epoch, best_too=is_best)
 
-    summary = self._summary(history, best, time.perf_counter() - t_start, images_seen, train_time)
+    summary = self._summary(history, progress.best, time.perf_counter() - t_start, images_seen, train_time)
     self.close()
     return summary
 
-  def _train_epoch(self, epoch, state, update, lrs, epoch_arg, iterator, best):
+  def _announce_selection(self) -> None:
+    split, metric = self.config.eval.select_on, self.config.eval.select_metric
+    if split == "test":
+      _echo(f"model selection: best {metric} on the TEST split, as the seed papers' code does "
+            f"(optimistic; set eval.select_on='val' with dataset.val_fraction > 0 for a held-out choice)")
+    else:
+      _echo(f"model selection: best {metric} on a validation split of {self.eval_splits['val'].num_classes} "
+            f"held-out training classes")
+
+  def _begin_epoch(self, epoch: int, state: dict, *, mid_epoch: bool) -> dict:
+    """New trainable groups where the plan changes, the method's epoch-start hook, the epoch's sampler."""
+    groups = self.plan.groups(epoch)
+    if groups != self.groups:
+      opt_state = optim.init_group_states(groups, state["params"], state["opt_state"], self.groups)
+      state = {**state, "opt_state": jax.device_put(opt_state, self.repl)}
+      fresh = sorted(set(groups.labels) - set(self.groups.labels))
+      _echo(f"epoch {epoch}: trainable set changes; new optimizer groups (fresh state): {fresh}")
+      self.groups = groups
+    if not mid_epoch:  # a mid-epoch checkpoint already holds the hook's effects
+      state = self.method.on_epoch_start(epoch, state, self.ctx)
+    sampler = self.method.train_sampler(epoch, state, self.ctx) or self.default_sampler
+    if sampler is not self.train_loader.sampler:
+      self.train_loader = self._train_loader(sampler)
+    return state
+
+  def _train_epoch(self, epoch: int, state: dict, iterator: data_lib.TrainEpochIterator, progress: _Progress):
     c = self.config
-    total = len(self.train_loader)
-    pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet pulled to the host
+    update = self.steps.update_fn(self.groups, epoch)
+    lrs, epoch_arg = step_lib.learning_rate_args(self.groups, epoch)
+    log = _StepLog(self, epoch, lrs, total=len(self.train_loader), initial=iterator.step)
     seen, t_epoch = 0, time.perf_counter()
-    t_log, images_since_log = t_epoch, 0
-    bar = tqdm.tqdm(total=total, initial=iterator.step, desc=f"epoch {epoch}", unit="step", dynamic_ncols=True,
-                    disable=not (c.log.progress and self.is_main), leave=False)
-    lr_log = {f"lr/{label}": float(v) for label, v in lrs.items()}
     first_step = int(state["step"])
-
-    def flush() -> None:
-      nonlocal t_log, images_since_log
-      if not pending:
-        return
-      host = jax.device_get([m for _, m in pending])
-      for (step, _), m in zip(pending, host):
-        if m["nonfinite"]:
-          last = self.checkpoints.latest_step()
-          where = (f"the last good checkpoint is step {last} in {self.checkpoints.root / ckpt_lib.LAST}"
-                   if last is not None else "no checkpoint was written before it")
-          self.logger.write("event", step=step, epoch=epoch, error="nonfinite_loss", loss=float(m["loss"]))
-          raise NonFiniteLossError(f"loss is {float(m['loss'])} at step {step} (epoch {epoch}); training "
-                                   f"stopped, {where}")
-      now = time.perf_counter()
-      rate = images_since_log / max(now - t_log, 1e-9)
-      losses = [float(m["loss"]) for m in host]
-      extra = {k: float(np.mean([m[k] for m in host])) for k in host[-1] if k not in ("loss", "nonfinite")}
-      self.logger.write("train", step=pending[-1][0] + 1, epoch=epoch, loss=float(np.mean(losses)),
-                        images_per_s=rate, **extra, **lr_log)
-      bar.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{rate:.1f}")
-      pending.clear()
-      t_log, images_since_log = now, 0
-
-    for batch in iterator:
-      step = first_step + seen // c.data.batch_size
-      if self.host_tables is not None:
-        rows = self.method.batch_rows(batch["label"])
-        state = self.host_tables.load(state, rows)
+    for number, batch in enumerate(iterator):
+      step = first_step + number
+      host_batch = self._host_batch(iterator)
+      if self.host is not None:
+        state = self.host.before_step(state, host_batch)
       state, metrics = update(state, step_lib.shard_batch(batch, self.mesh), lrs, epoch_arg)
-      if self.host_tables is not None:
-        self.host_tables.store(state, rows)  # waits for the step: the next batch may use the same rows
-      pending.append((step, metrics))
+      if self.host is not None:
+        self.host.after_step(state, host_batch)  # may wait for the step: the next batch may reuse rows
       seen += c.data.batch_size
-      images_since_log += c.data.batch_size
-      bar.update(1)
-      if len(pending) >= c.log.every_steps:
-        flush()
+      log.add(step, metrics, c.data.batch_size)
       every = c.checkpoint.every_steps
-      if every and (step + 1) % every == 0 and iterator.step < total:
-        flush()  # never save a state that follows a non-finite loss
-        meta = self._meta(epoch=epoch, phase_epoch=epoch, data_state=iterator.get_state(), best=best,
-                          step=step + 1)
-        self.checkpoints.save(step + 1, state, meta,
-                              host=self.host_tables.state_dict() if self.host_tables is not None else None)
-    flush()
-    bar.close()
+      if every and (step + 1) % every == 0 and iterator.step < len(self.train_loader):
+        log.flush()  # never save a state that follows a non-finite loss
+        mid = _Progress(epoch=epoch, best=progress.best, data_state=iterator.get_state())
+        self._save(state, mid, step=step + 1, phase_epoch=epoch)
+    log.close()
     seconds = time.perf_counter() - t_epoch
     _echo(f"epoch {epoch}: {seen} images in {seconds:.1f} s ({seen / max(seconds, 1e-9):.1f} images/s), "
           f"learning rates: " + ", ".join(f"{k} {float(v):.3g}" for k, v in lrs.items()))
     return state, seen, seconds
 
-  def _parameter_counts(self, phase: optim.Phase) -> str:
-    """'trainable of total' parameters, as the VPTSP paper's Table 1 counts them: host tables count with
-    their full size (their per-batch device buffers are not counted again)."""
+  def _host_batch(self, iterator: data_lib.TrainEpochIterator) -> HostBatch:
+    rows = iterator.global_indices(iterator.step - 1)
+    return HostBatch(label=self.train_records.labels[rows], index=rows)
+
+  # -- reporting ------------------------------------------------------------------------------------
+
+  def _parameter_counts(self) -> str:
+    """'trainable of total' parameters at the start, as parameter-efficient papers count them: host
+    tables count with their full size (their per-batch device buffers are not counted again)."""
     flat = tree_lib.flatten(self.initial_params)
-    buffers = set()
-    table_count = trainable_tables = 0
-    if self.host_tables is not None:
-      for table in self.host_tables.tables.values():
-        buffers.add(table.buffer_path)
-        table_count += table.num_parameters
-        trainable_tables += table.num_parameters if table.buffer_path in phase.trainable else 0
-    total = sum(int(np.size(v)) for p, v in flat.items() if p not in buffers) + table_count
-    trainable = sum(int(np.size(flat[p])) for p in phase.trainable if p not in buffers) + trainable_tables
+    host = self.host.parameter_counts() if self.host is not None else {}
+    groups = self.plan.groups(0)
+
+    def size(path):
+      return host.get(path, int(np.size(flat[path])))
+
+    total = sum(size(p) for p in flat)
+    trainable = sum(size(p) for p in groups.trainable)
     line = (f"parameters: {trainable:,} trainable ({trainable / 1e6:.2f}M, {100 * trainable / max(total, 1):.2f}%) "
             f"of {total:,} ({total / 1e6:.2f}M)")
-    if table_count:
-      line += f"; {table_count:,} of them in host-memory tables (only the batch's rows go to the device)"
+    if host:
+      line += f"; {sum(host.values()):,} of them in host memory (only the batch's rows go to the device)"
     return line
 
   def _previous_evaluations(self, before_epoch: int) -> list[dict]:
@@ -418,7 +462,7 @@ class Trainer:
     if best is not None:
       lines.append(f"best {best['metric']} on {best['split']}: {100 * best['value']:.2f} at epoch {best['epoch']}"
                    + (" (selected on the TEST split, as the seed papers do)" if best["split"] == "test" else "")
-                   + "; test then: " + ", ".join(f"{k} {100 * v:.2f}" for k, v in best["test"].items()))
+                   + "; test then: " + _format_metrics(best["test"]))
     rate = images_seen / max(train_time, 1e-9)
     lines.append(f"wall time {wall:.1f} s; training {train_time:.1f} s at {rate:.1f} images/s; "
                  f"workdir {self.workdir}")
@@ -433,6 +477,58 @@ class Trainer:
     self._closed = True
     self.checkpoints.close()
     self.logger.close()
+
+
+class _StepLog:
+  """Per-step metrics kept on the device until `log.every_steps` accumulate, then logged in one transfer;
+  the progress bar; the non-finite-loss guard (checked whenever metrics reach the host)."""
+
+  def __init__(self, trainer: Trainer, epoch: int, lrs: Mapping[str, Any], *, total: int, initial: int):
+    self.trainer, self.epoch = trainer, epoch
+    self.pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet pulled to the host
+    self.lr_log = {f"lr/{label}": float(v) for label, v in lrs.items()}
+    self.t_log, self.images = time.perf_counter(), 0
+    c = trainer.config
+    self.every = c.log.every_steps
+    self.bar = tqdm.tqdm(total=total, initial=initial, desc=f"epoch {epoch}", unit="step", dynamic_ncols=True,
+                         disable=not (c.log.progress and trainer.is_main), leave=False)
+
+  def add(self, step: int, metrics: dict, images: int) -> None:
+    self.pending.append((step, metrics))
+    self.images += images
+    self.bar.update(1)
+    if len(self.pending) >= self.every:
+      self.flush()
+
+  def flush(self) -> None:
+    if not self.pending:
+      return
+    host = jax.device_get([m for _, m in self.pending])
+    for (step, _), m in zip(self.pending, host):
+      if m["nonfinite"]:
+        self._raise_nonfinite(step, m)
+    now = time.perf_counter()
+    rate = self.images / max(now - self.t_log, 1e-9)
+    losses = [float(m["loss"]) for m in host]
+    extra = {k: float(np.mean([m[k] for m in host])) for k in host[-1] if k not in ("loss", "nonfinite")}
+    self.trainer.logger.write("train", step=self.pending[-1][0] + 1, epoch=self.epoch, loss=float(np.mean(losses)),
+                              images_per_s=rate, **extra, **self.lr_log)
+    self.bar.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{rate:.1f}")
+    self.pending.clear()
+    self.t_log, self.images = now, 0
+
+  def _raise_nonfinite(self, step: int, m: dict) -> None:
+    checkpoints = self.trainer.checkpoints
+    last = checkpoints.latest_step()
+    where = (f"the last good checkpoint is step {last} in {checkpoints.root / ckpt_lib.LAST}"
+             if last is not None else "no checkpoint was written before it")
+    self.trainer.logger.write("event", step=step, epoch=self.epoch, error="nonfinite_loss", loss=float(m["loss"]))
+    raise NonFiniteLossError(f"loss is {float(m['loss'])} at step {step} (epoch {self.epoch}); training stopped, "
+                             f"{where}")
+
+  def close(self) -> None:
+    self.flush()
+    self.bar.close()
 
 
 def fit(config: Any, workdir: str | pathlib.Path) -> dict:

@@ -9,18 +9,24 @@ Config (`config.optim`; every key of a group rule overrides the same top-level k
   clip_value      element-wise clamp of every gradient to [-v, v] before the optimizer (torch
                   `clip_grad_value_`, so before the coupled-L2 term); 0 / None = off
   schedule        per-epoch schedule, see schedules.py
-  warmup_epochs   W: during epochs [0, W) only parameters matching `warmup_trainable` train
-  warmup_trainable  regex (re.fullmatch on paths such as 'model/head/kernel', 'loss/proxies')
-  frozen          regex (or tuple of regexes) of parameters frozen for the whole run
-  groups          ((regex, {name, lr | lr_mult, optimizer, weight_decay, ..., frozen, start_epoch}), ...):
-                  the first matching rule assigns a parameter to a group; unmatched ones form group 'base'
+  groups          ((pattern, {name, lr | lr_mult, optimizer, weight_decay, ..., frozen, start_epoch,
+                  stop_epoch, lr_cycle}), ...): the first matching rule assigns a parameter to a group;
+                  unmatched ones form group 'base'. A pattern is a regex (re.fullmatch on paths such as
+                  'model/head/kernel', 'loss/proxies') or '@name', a path set the method names
+                  (`Method.param_selectors`, e.g. '@batchnorm').
 
-A frozen parameter gets no update, no weight decay and no optimizer state, and its gradient is never
-computed: the update step differentiates with respect to the trainable parameters only. Every group is a
-separate optax chain with its own state, like a separate torch optimizer. A parameter that starts
-training late (warm-up, `start_epoch`) belongs to a group labelled '<name>_from_epoch<E>' whose state is
-created when that epoch begins, so its Adam step count starts at 1 then, exactly as torch's per-parameter
-state does; learning rates follow the global epoch (schedules.py).
+Groups are the one freezing mechanism. A parameter trains during epochs [start_epoch, stop_epoch) of its
+group (defaults 0 and never); `frozen` keeps it frozen for the whole run; a warm-up that trains only some
+parameters is a `start_epoch` on the others. A frozen parameter gets no update, no weight decay and no
+optimizer state, and its gradient is never computed: the update step differentiates with respect to the
+trainable parameters only. `lr_cycle` (m_0, ..., m_{P-1}) multiplies the group's rate by m_{epoch % P}
+while the optimizer keeps running (a rate of 0 leaves the parameters unchanged but still updates Adam's
+moments and step count, as torch does with lr = 0; D&C freezes its backbone on alternate epochs so).
+
+Every group is a separate optax chain with its own state, like a separate torch optimizer. A parameter
+that starts training late belongs to a group labelled '<name>_from_epoch<E>' whose state is created when
+that epoch begins, so its Adam step count starts at 1 then, exactly as torch's per-parameter state does;
+learning rates follow the global epoch (schedules.py).
 """
 
 from __future__ import annotations
@@ -35,14 +41,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dml_jax.train import tree as tree_lib
+from dml_jax import pytree as tree_lib
 from dml_jax.train.schedules import EpochSchedule
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 _SETTING_KEYS = ("optimizer", "lr", "weight_decay", "b1", "b2", "eps", "momentum", "nesterov", "clip_value",
                  "schedule")
-_GROUP_KEYS = _SETTING_KEYS + ("name", "lr_mult", "frozen", "start_epoch")
-_OPTIM_KEYS = _SETTING_KEYS + ("warmup_epochs", "warmup_trainable", "frozen", "groups")
+_GROUP_KEYS = _SETTING_KEYS + ("name", "lr_mult", "frozen", "start_epoch", "stop_epoch", "lr_cycle")
+_OPTIM_KEYS = _SETTING_KEYS + ("groups",)
 _LABEL_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 BASE_GROUP = "base"
 
@@ -77,6 +83,8 @@ class GroupSettings:
   schedule: EpochSchedule
   frozen: bool = False
   start_epoch: int = 0
+  stop_epoch: float = math.inf
+  lr_cycle: tuple[float, ...] = (1.0,)
 
   def __post_init__(self):
     if self.optimizer not in OPTIMIZERS:
@@ -85,9 +93,14 @@ class GroupSettings:
                        f"{OPTIMIZERS}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     if not _LABEL_RE.fullmatch(self.name):
       raise ValueError(f"group name {self.name!r} must match {_LABEL_RE.pattern} (it names checkpoint entries)")
+    if not self.lr_cycle or any(m < 0 for m in self.lr_cycle):
+      raise ValueError(f"group {self.name!r}: lr_cycle must be non-empty and non-negative, got {self.lr_cycle}")
+    if self.start_epoch < 0 or self.stop_epoch <= self.start_epoch:
+      raise ValueError(f"group {self.name!r}: needs 0 <= start_epoch < stop_epoch, got {self.start_epoch} and "
+                       f"{self.stop_epoch}")
 
   def learning_rate(self, epoch: int) -> float:
-    return self.schedule.learning_rate(epoch, self.lr)
+    return self.schedule.learning_rate(epoch, self.lr) * self.lr_cycle[epoch % len(self.lr_cycle)]
 
 
 def scale_by_learning_rate_arg() -> optax.GradientTransformationExtraArgs:
@@ -157,7 +170,7 @@ def _regexes(value: Any) -> list[str]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Phase:
+class EpochGroups:
   """What trains during an epoch: (label, settings, sorted paths) per group; everything else is frozen."""
 
   groups: tuple[tuple[str, GroupSettings, tuple[str, ...]], ...]
@@ -177,11 +190,22 @@ class Phase:
   def transforms(self) -> dict[str, optax.GradientTransformationExtraArgs]:
     return {label: make_group_transform(settings) for label, settings, _ in self.groups}
 
+  def labels_of(self, names: Iterable[str] | None) -> tuple[str, ...]:
+    """Labels of the groups named `names` (settings names; None = all) that train this epoch."""
+    if names is None:
+      return self.labels
+    names = set(names)
+    return tuple(label for label, settings, _ in self.groups if settings.name in names)
+
+  def paths_of(self, labels: Iterable[str]) -> tuple[str, ...]:
+    labels = set(labels)
+    return tuple(p for label, _, paths in self.groups if label in labels for p in paths)
+
 
 class ParamPlan:
-  """Assigns every parameter path a group, a frozen flag and the epoch it starts training."""
+  """Assigns every parameter path a group and the epochs [start, stop) during which it trains."""
 
-  def __init__(self, optim_config: Any, paths: Sequence[str], *, method_frozen: Iterable[str] = ()):
+  def __init__(self, optim_config: Any, paths: Sequence[str], *, selectors: Mapping[str, Iterable[str]] = ()):
     cfg = _as_dict(optim_config)
     _check_keys(cfg, _OPTIM_KEYS, "config.optim")
     self.paths = tuple(paths)
@@ -190,49 +214,41 @@ class ParamPlan:
     if missing:
       raise ValueError(f"config.optim needs {missing}")
     rules = _rule_list(cfg.get("groups"))
-    frozen_res = _regexes(cfg.get("frozen"))
-    method_frozen = set(method_frozen)
-    unknown_frozen = sorted(method_frozen - set(self.paths))
-    if unknown_frozen:
-      raise ValueError(f"method marks unknown parameters as frozen: {unknown_frozen[:5]}")
-    warmup = int(cfg.get("warmup_epochs") or 0)
-    warm_re = cfg.get("warmup_trainable") or ""
-    if warmup < 0:
-      raise ValueError(f"optim.warmup_epochs must be >= 0, got {warmup}")
+    selectors = {name: set(members) for name, members in dict(selectors).items()}
+    for pattern, _ in rules:
+      if pattern.startswith("@") and pattern[1:] not in selectors:
+        raise ValueError(f"optim.groups pattern {pattern!r}: the method offers the selectors "
+                         f"{sorted('@' + n for n in selectors)}")
+
+    def matches(pattern: str, path: str) -> bool:
+      return path in selectors[pattern[1:]] if pattern.startswith("@") else bool(re.fullmatch(pattern, path))
 
     used = [False] * len(rules)
     self.settings: dict[str, GroupSettings] = {}
     self.group_of: dict[str, str] = {}
-    self.start_epoch: dict[str, float] = {}  # math.inf = frozen for the whole run
+    self.window: dict[str, tuple[float, float]] = {}  # path -> [start, stop) epochs; (inf, inf) = frozen
+    rule_of_name: dict[str, int] = {}
     for path in self.paths:
-      spec = {}
-      for i, (regex, rule_spec) in enumerate(rules):
-        if re.fullmatch(regex, path):
-          spec, used[i] = rule_spec, True
+      spec, rule = {}, -1
+      for i, (pattern, rule_spec) in enumerate(rules):
+        if matches(pattern, path):
+          spec, rule, used[i] = rule_spec, i, True
           break
       name = spec.get("name", BASE_GROUP)
       if name not in self.settings:
         self.settings[name] = self._resolve(name, base, spec)
-      elif spec and self._resolve(name, base, spec) != self.settings[name]:
+        rule_of_name[name] = rule
+      elif rule != rule_of_name[name] and self._resolve(name, base, spec) != self.settings[name]:
         raise ValueError(f"two group rules named {name!r} give different settings")
       settings = self.settings[name]
       self.group_of[path] = name
-      frozen = (settings.frozen or path in method_frozen or any(re.fullmatch(r, path) for r in frozen_res))
-      start = settings.start_epoch
-      if warmup and not re.fullmatch(warm_re, path):
-        start = max(start, warmup)
-      self.start_epoch[path] = math.inf if frozen else start
+      self.window[path] = ((math.inf, math.inf) if settings.frozen else
+                           (settings.start_epoch, settings.stop_epoch))
 
     unused = [rules[i][0] for i, u in enumerate(used) if not u]
     if unused:
-      raise ValueError(f"optim.groups rules {unused} match no parameter; paths look like "
-                       f"{list(self.paths[:4])} ... (regexes use re.fullmatch)")
-    for r in frozen_res:
-      if not any(re.fullmatch(r, p) for p in self.paths):
-        raise ValueError(f"optim.frozen regex {r!r} matches no parameter; paths look like {list(self.paths[:4])}")
-    if warmup and not any(re.fullmatch(warm_re, p) for p in self.paths):
-      raise ValueError(f"optim.warmup_trainable {warm_re!r} matches no parameter, so nothing would train "
-                       f"during warm-up; paths look like {list(self.paths[:4])}")
+      raise ValueError(f"optim.groups rules {unused} match no parameter (an earlier rule may take them); paths "
+                       f"look like {list(self.paths[:4])} ... (regexes use re.fullmatch)")
 
   @staticmethod
   def _resolve(name: str, base: Mapping[str, Any], spec: Mapping[str, Any]) -> GroupSettings:
@@ -246,14 +262,16 @@ class ParamPlan:
         b2=float(merged.get("b2", 0.999)), eps=float(merged.get("eps", 1e-8)),
         momentum=float(merged.get("momentum", 0.0) or 0.0), nesterov=bool(merged.get("nesterov", False)),
         clip_value=float(clip) if clip else None, schedule=schedule, frozen=bool(spec.get("frozen", False)),
-        start_epoch=int(spec.get("start_epoch", 0)))
+        start_epoch=int(spec.get("start_epoch", 0)),
+        stop_epoch=float(spec["stop_epoch"]) if spec.get("stop_epoch") is not None else math.inf,
+        lr_cycle=tuple(float(m) for m in spec.get("lr_cycle", (1.0,))))
 
-  def phase(self, epoch: int) -> Phase:
+  def groups(self, epoch: int) -> EpochGroups:
     members: dict[str, tuple[str, list[str]]] = {}
     frozen = []
     for path in self.paths:
-      start = self.start_epoch[path]
-      if epoch < start:
+      start, stop = self.window[path]
+      if not start <= epoch < stop:
         frozen.append(path)
         continue
       name = self.group_of[path]
@@ -261,37 +279,43 @@ class ParamPlan:
       members.setdefault(label, (name, []))[1].append(path)
     groups = tuple((label, self.settings[name], tuple(sorted(paths)))
                    for label, (name, paths) in sorted(members.items()))
-    return Phase(groups=groups, frozen=tuple(sorted(frozen)))
+    return EpochGroups(groups=groups, frozen=tuple(sorted(frozen)))
 
   def change_epochs(self) -> list[int]:
     """Epochs at which the set of trainable parameters changes (the step is rebuilt there)."""
-    return sorted({int(s) for s in self.start_epoch.values() if 0 < s < math.inf})
+    edges = {int(e) for window in self.window.values() for e in window if 0 < e < math.inf}
+    return sorted(edges)
 
-  def describe(self, params_flat: Mapping[str, Any], epoch: int = 0) -> str:
+  def describe(self, params_flat: Mapping[str, Any]) -> str:
     """A table of groups: tensors, parameters, optimizer, lr, weight decay, start epoch."""
     rows = [("group", "tensors", "params", "optimizer", "lr", "wd", "clip", "trains")]
-    by_group: dict[tuple[str, float], list[str]] = {}
+    by_group: dict[tuple[str, tuple[float, float]], list[str]] = {}
     for path in self.paths:
-      by_group.setdefault((self.group_of[path], self.start_epoch[path]), []).append(path)
-    for (name, start), paths in sorted(by_group.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+      by_group.setdefault((self.group_of[path], self.window[path]), []).append(path)
+    for (name, (start, stop)), paths in sorted(by_group.items(), key=lambda kv: (kv[0][1], kv[0][0])):
       s = self.settings[name]
       n = sum(int(math.prod(params_flat[p].shape)) for p in paths)
-      trains = "never (frozen)" if start == math.inf else f"from epoch {int(start)}"
+      trains = "never (frozen)" if start == math.inf else f"from epoch {int(start)}" + (
+          f" to {int(stop) - 1}" if stop < math.inf else "")
+      if len(s.lr_cycle) > 1:
+        trains += f", lr x {s.lr_cycle} by epoch % {len(s.lr_cycle)}"
       rows.append((name, str(len(paths)), f"{n:,}", s.optimizer, f"{s.lr:g}", f"{s.weight_decay:g}",
                    f"{s.clip_value:g}" if s.clip_value else "-", trains))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 
 
-def init_group_states(phase: Phase, params: Any, previous: Mapping[str, Any] | None = None,
-                      previous_phase: Phase | None = None) -> dict[str, Any]:
-  """Optimizer state per group label: kept from `previous` where the label persists, fresh otherwise."""
+def init_group_states(groups: EpochGroups, params: Any, previous: Mapping[str, Any] | None = None,
+                      previous_groups: EpochGroups | None = None, *, fresh: Iterable[str] = ()) -> dict[str, Any]:
+  """Optimizer state per group label: kept from `previous` where the label persists, fresh otherwise
+  (and for the labels in `fresh`)."""
   keys = tree_lib.key_index(params)
   flat = tree_lib.flatten(params)
-  before = {label: paths for label, _, paths in (previous_phase.groups if previous_phase else ())}
+  before = {label: paths for label, _, paths in (previous_groups.groups if previous_groups else ())}
+  fresh = set(fresh)
   states = {}
-  for label, settings, paths in phase.groups:
-    if previous is not None and label in before:
+  for label, settings, paths in groups.groups:
+    if previous is not None and label in before and label not in fresh:
       if before[label] != paths:
         raise ValueError(f"group {label!r} changed its members between phases; give the new members their "
                          f"own group (start_epoch) so their optimizer state starts fresh")

@@ -12,8 +12,8 @@ arguments, so changing them never recompiles.
   cosine     eta_min + (lr - eta_min) * (1 + cos(pi * e / t_max)) / 2    (torch CosineAnnealingLR; keeps
              oscillating past t_max, as torch does when training runs longer than t_max)
 
-with e = max(epoch - offset, 0): `offset` epochs pass before the scheduler starts stepping (DADA steps
-its schedulers only after warm-up; Proxy-Anchor counts warm-up epochs, offset 0).
+with e = max(epoch - offset, 0): `offset` epochs pass before the scheduler starts stepping (a recipe
+whose schedulers start after its warm-up; offset 0 when warm-up epochs count).
 """
 
 from __future__ import annotations

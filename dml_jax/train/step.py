@@ -1,7 +1,7 @@
 """The one update step for every method: jitted, donated, data-parallel over a ('data',) mesh.
 
 Parameters, optimizer state and method state are replicated; the batch is split along its first axis
-over every device of the mesh. The method's loss sees the whole global batch (XLA gathers what the
+over every device of the mesh. The method's objectives see the whole global batch (XLA gathers what the
 pairwise terms need), so 1 and 8 devices compute the same loss and the seeds' single-GPU recipes carry
 over unchanged.
 
@@ -12,9 +12,11 @@ The train state is a dict of arrays:
   method_state  nested dict         BN statistics, memory queues, ... (no gradient)
   rng           uint32 [2]          raw key data; the step's key is fold_in(rng, step)
 
-Only the trainable parameters are differentiated: frozen ones enter the loss as constants, so their
-gradients are never formed, they get no update and no weight decay, and they leave the step as the very
-same buffers (bit-identical).
+An update runs the method's phases in order (dml_jax/methods/base.py): `prepare` once, then for every
+phase and repeat, the phase's objective is differentiated with respect to the parameters of its groups
+only, those groups' optimizers step, and the next phase sees the new parameters and method state.
+Parameters outside a phase's groups enter its objective as constants, so their gradients are never
+formed; frozen parameters leave the step as the very same buffers (bit-identical).
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dml_jax.methods import Method, StepInfo
-from dml_jax.train import tree as tree_lib
-from dml_jax.train.optim import Phase
+from dml_jax import pytree as tree_lib
+from dml_jax.methods.base import Method, Phase, StepInfo
+from dml_jax.train.optim import EpochGroups
 
 DATA_AXIS = "data"
 
@@ -67,48 +69,77 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dic
   return out
 
 
-def build_update_fn(method: Method, phase: Phase, param_keys: Mapping[str, tuple], *,
-                    variant: Hashable = None) -> Callable:
+def _phase_key(rng: jax.Array, phase_index: int, repeat: int) -> jax.Array:
+  return jax.random.fold_in(jax.random.fold_in(rng, phase_index), repeat)
+
+
+def build_update_fn(method: Method, groups: EpochGroups, phases: tuple[Phase, ...], param_keys: Mapping[str, tuple],
+                    *, variant: Hashable = None) -> Callable:
   """update(state, batch, learning_rates, epoch) -> (state, metrics), not yet jitted.
 
   learning_rates: {group label: float32 []} for this epoch; epoch: int32 [].
-  metrics: {'loss': float32 [], 'nonfinite': bool [], **method metrics}.
+  metrics: {'loss': float32 [] (the last phase's), 'nonfinite': bool [] (any phase), **method metrics};
+  with several phases, also '<objective>/loss' per phase (the last repeat's).
   """
-  transforms = phase.transforms()
-  trainable_paths = phase.trainable
-  trainable_set = set(trainable_paths)
+  transforms = groups.transforms()
+  objectives = method.objectives()
+  plans = []  # (phase index, phase, objective fn, labels, paths)
+  for index, phase in enumerate(phases):
+    if phase.objective not in objectives:
+      raise KeyError(f"{method.name}: phase objective {phase.objective!r} is not among {sorted(objectives)}")
+    labels = groups.labels_of(phase.groups)
+    plans.append((index, phase, objectives[phase.objective], labels, groups.paths_of(labels)))
+
+  def run_phase(flat, opt_state, method_state, batch, learning_rates, rng, info, objective, labels, paths):
+    trainable = {p: flat[p] for p in paths}
+    constants = {p: v for p, v in flat.items() if p not in trainable}
+
+    def loss_of(trainable_leaves):
+      params = tree_lib.nest({**constants, **trainable_leaves}, param_keys)
+      return objective(params, method_state, batch, rng, info)
+
+    if not paths:  # nothing of this phase trains this epoch (e.g. warm-up): the objective only runs
+      loss, (metrics, method_state) = loss_of({})
+      return flat, opt_state, method_state, loss, metrics
+    (loss, (metrics, method_state)), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
+    flat, opt_state = dict(flat), dict(opt_state)
+    for label in labels:
+      label_paths = groups.paths_of((label,))
+      group_params = tree_lib.nest({p: trainable[p] for p in label_paths}, param_keys)
+      group_grads = tree_lib.nest({p: grads[p] for p in label_paths}, param_keys)
+      updates, opt_state[label] = transforms[label].update(
+          group_grads, opt_state[label], group_params, learning_rate=learning_rates[label])
+      flat.update(tree_lib.flatten(optax.apply_updates(group_params, updates)))
+    return flat, opt_state, method_state, loss, metrics
 
   def update(state, batch, learning_rates, epoch):
     flat = tree_lib.flatten(state["params"])
-    trainable = {p: flat[p] for p in trainable_paths}
-    frozen = {p: v for p, v in flat.items() if p not in trainable_set}
+    opt_state, method_state = state["opt_state"], state["method_state"]
     step = state["step"]
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
     info = StepInfo(step=step, epoch=epoch, variant=variant)
-
-    def objective(trainable_leaves):
-      params = tree_lib.nest({**frozen, **trainable_leaves}, param_keys)
-      return method.loss_fn(params, state["method_state"], batch, rng, info)
-
-    (loss, (metrics, method_state)), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
-    new_flat = dict(flat)
-    opt_state = {}
-    for label, _, paths in phase.groups:
-      group_params = tree_lib.nest({p: trainable[p] for p in paths}, param_keys)
-      group_grads = tree_lib.nest({p: grads[p] for p in paths}, param_keys)
-      updates, opt_state[label] = transforms[label].update(
-          group_grads, state["opt_state"][label], group_params, learning_rate=learning_rates[label])
-      new_flat.update(tree_lib.flatten(optax.apply_updates(group_params, updates)))
-    new_state = dict(step=step + 1, params=tree_lib.nest(new_flat, param_keys), opt_state=opt_state,
+    prepared, method_state = method.prepare(tree_lib.nest(flat, param_keys), method_state, batch,
+                                            jax.random.fold_in(rng, len(phases)), info)
+    info = info._replace(prepared=jax.lax.stop_gradient(prepared) if prepared is not None else None)
+    metrics, nonfinite = {}, jnp.zeros((), bool)
+    for index, phase, objective, labels, paths in plans:
+      for repeat in range(phase.repeats):
+        flat, opt_state, method_state, loss, phase_metrics = run_phase(
+            flat, opt_state, method_state, batch, learning_rates, _phase_key(rng, index, repeat), info, objective,
+            labels, paths)
+        nonfinite = nonfinite | ~jnp.isfinite(loss)
+      metrics.update(phase_metrics)
+      if len(plans) > 1:
+        metrics[f"{phase.objective}/loss"] = loss
+    new_state = dict(step=step + 1, params=tree_lib.nest(flat, param_keys), opt_state=opt_state,
                      method_state=method_state, rng=state["rng"])
-    metrics = {**metrics, "loss": loss, "nonfinite": ~jnp.isfinite(loss)}
-    return new_state, metrics
+    return new_state, {**metrics, "loss": loss, "nonfinite": nonfinite}
 
   return update
 
 
 class StepCache:
-  """Jitted update steps, one per (trainable set, method variant), and the jitted eval embedding."""
+  """Jitted update steps, one per (trainable groups, phases, method variant), and the jitted embeddings."""
 
   def __init__(self, method: Method, mesh: jax.sharding.Mesh, param_keys: Mapping[str, tuple], *,
                donate: bool = True):
@@ -118,24 +149,31 @@ class StepCache:
     self.donate = donate
     self._steps: dict[tuple, Callable] = {}
     repl, data = replicated(mesh), batch_sharded(mesh)
-    self._embed = jax.jit(method.embed_fn, in_shardings=(repl, repl, data), out_shardings=data)
+    features = {None: method.embed_fn, **method.feature_fns()}
+    self._features = {name: jax.jit(fn, in_shardings=(repl, repl, data), out_shardings=data)
+                      for name, fn in features.items()}
 
-  def update_fn(self, phase: Phase, variant: Hashable = None) -> Callable:
-    key = (phase, variant)
+  def update_fn(self, groups: EpochGroups, epoch: int) -> Callable:
+    phases = tuple(self.method.phases(epoch))
+    variant = self.method.step_variant(epoch)
+    key = (groups, phases, variant)
     if key not in self._steps:
       repl, data = replicated(self.mesh), batch_sharded(self.mesh)
-      fn = build_update_fn(self.method, phase, self.param_keys, variant=variant)
+      fn = build_update_fn(self.method, groups, phases, self.param_keys, variant=variant)
       self._steps[key] = jax.jit(fn, in_shardings=(repl, data, repl, repl), out_shardings=(repl, repl),
                                  donate_argnums=(0,) if self.donate else ())
     return self._steps[key]
 
-  def embed(self, params: Any, method_state: Any, images: jax.Array) -> jax.Array:
-    return self._embed(params, method_state, images)
+  def embed(self, params: Any, method_state: Any, images: jax.Array, feature: str | None = None) -> jax.Array:
+    if feature not in self._features:
+      raise KeyError(f"{self.method.name} offers the features {sorted(k for k in self._features if k)} "
+                     f"(None: the evaluation embedding), not {feature!r}")
+    return self._features[feature](params, method_state, images)
 
 
-def learning_rate_args(phase: Phase, epoch: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def learning_rate_args(groups: EpochGroups, epoch: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """The host-computed (double precision, as torch) rates of `epoch` as float32 step arguments."""
-  lrs = {label: np.float32(lr) for label, lr in phase.learning_rates(epoch).items()}
+  lrs = {label: np.float32(lr) for label, lr in groups.learning_rates(epoch).items()}
   return lrs, np.int32(epoch)
 
 

@@ -38,7 +38,7 @@ def detect(folder: str) -> str | None:
 def read(folder: str, layout: str, *, skip_missing: bool = False) -> DatasetSplits:
   if layout == _FOLDERS:
     # Confusezius sorts the class folder names as Python strings; the first 98 of that order are exactly
-    # the official class ids 1-98 (specs/vptsp_dada.md §3.2).
+    # the official class ids 1-98 (docs/data.md).
     return common.read_class_folders(NAME, folder, layout, num_classes=NUM_CLASSES, sort="string")
   return _read_annos(folder, layout, skip_missing=skip_missing)
 

@@ -75,7 +75,7 @@ def read(folder: str, layout: str, *, skip_missing: bool = False) -> DatasetSpli
   train = Records(FileStore(tr_paths), labels=tr_labels, roles="train", paths=tr_paths,
                   class_names=[f"id_{c:08d}" for c in tr_classes])
 
-  # Query and gallery share one label map over the union of their item ids (specs/vptsp_dada.md §3.2).
+  # Query and gallery share one label map over the union of their item ids (docs/data.md).
   eval_rows = np.flatnonzero(keep & (status_arr != "train"))
   query_ids = set(items_arr[eval_rows][status_arr[eval_rows] == "query"].tolist())
   gallery_ids = set(items_arr[eval_rows][status_arr[eval_rows] == "gallery"].tolist())

@@ -1,4 +1,4 @@
-"""Per-weight preprocessing facts (timm's `pretrained_cfg`), stored beside converted weights."""
+"""How images must be prepared for a set of weights (timm's `pretrained_cfg`): shared by backbones and data."""
 
 from __future__ import annotations
 

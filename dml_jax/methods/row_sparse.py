@@ -1,55 +1,78 @@
-"""Host-memory parameter tables with lazy (row-sparse) optimizer updates: VPTSP's prompt memory bank.
+"""Parameter tables in host memory with lazy (row-sparse) optimizer updates: VPTSP's prompt memory bank.
 
-A method declares tables with `method.host_row_tables()` (dml_jax/methods/host_tables.py). Each table
-[num_rows, *row_shape] and its optimizer moments live here, in host memory, as numpy arrays; `params` hold
-a device buffer [R, *row_shape] per table, trained by an ordinary optimizer group. Around every step:
+VPTSP's class-prompt tables on SOP, In-Shop and iNaturalist (C x prompts x D per layer, up to 2.2 B floats)
+do not fit next to a ViT in accelerator memory; the authors keep them, and their AdamW moments, in CPU
+memory. Here each table [num_rows, *row_shape] and its optimizer moments live in host memory as numpy
+arrays, and `params` hold a small device buffer [R, *row_shape] per table, trained by an ordinary
+optimizer group. `RowSparseTables` is a `HostState` (dml_jax/methods/base.py): around every update
 
-  rows = method.batch_rows(labels)     # int [R], distinct table rows in buffer order
-  state = bank.load(state, rows)       # table[rows] -> buffer; moments[rows] -> the group's optimizer state
-  state, metrics = update(state, batch, learning_rates, epoch)
-  bank.store(state, rows)              # buffer -> table[rows]; moments -> moments[rows]
+  before_step: rows = rows_of(batch); table[rows] -> buffer; moments[rows] -> the group's optimizer state
+  (the update step runs)
+  after_step:  buffer -> table[rows]; moments -> moments[rows]
 
 The group's optax chain updates the buffer exactly as it updates any parameter, so the table gets that
 optimizer restricted to the present rows: rows absent from a batch keep values and moments (no moment
 decay, no weight decay), and the group's step count (Adam's bias correction) is the global iteration
-count, as torch's single per-parameter `step` in the official bank (specs/vptsp_dada.md §1.8).
+count, as torch's single per-parameter `step` in the official bank.
 
 Moments are found by path: every leaf of the optimizer state whose '/'-joined path ends with the buffer's
-path and has the buffer's shape (Adam's `mu` and `nu`, SGD's momentum `trace`). They start
-at zero, as optax's and torch's states do.
+path and has the buffer's shape (Adam's `mu` and `nu`, SGD's momentum `trace`). They start at zero, as
+optax's and torch's states do. Every process holds the whole tables and applies the same rows of the same
+global batch, so the tables stay identical across processes.
 
-Cost per step: R rows x (1 + moments) copied each way; `store` waits for the step to finish (the next
-batch may use the same rows), which removes the asynchronous-dispatch overlap of one step.
+Cost per step: R rows x (1 + moments) copied each way; `after_step` waits for the step to finish (the
+next batch may use the same rows), which removes the asynchronous-dispatch overlap of one step.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import dataclasses
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
 
-from dml_jax.methods.host_tables import HostRowTable
-from dml_jax.train import tree as tree_lib
+from dml_jax import pytree as tree_lib
+from dml_jax.methods.base import HostBatch, HostState
 
 _SEP = "__"  # replaces '/' of moment keys in checkpoints (orbax keys are path components)
 
 
-class HostRowBank:
+@dataclasses.dataclass(frozen=True)
+class HostRowTable:
+  """One host-resident table [num_rows, *row_shape] float32.
+
+  buffer_path: '/'-joined path in params of the device buffer [rows_per_batch, *row_shape].
+  num_rows: rows of the table (e.g. the number of training classes).
+  row_shape: shape of one row (e.g. (prompts, D)).
+  init: fn(numpy Generator) -> float32 [num_rows, *row_shape], the initial table (host memory).
+  """
+
+  buffer_path: str
+  num_rows: int
+  row_shape: tuple[int, ...]
+  init: Callable[[np.random.Generator], np.ndarray]
+
+  @property
+  def num_parameters(self) -> int:
+    return int(self.num_rows * np.prod(self.row_shape, dtype=np.int64))
+
+
+class RowSparseTables(HostState):
   """The host tables of a method and their optimizer moments; see the module docstring.
 
   Args:
-    tables: {name: HostRowTable} from `method.host_row_tables()`.
-    param_keys: tree.key_index(params) (path -> key tuple) of the method's params.
+    tables: {name: HostRowTable}.
+    params: the method's initial params (to check the buffers exist).
+    rows_of: fn(HostBatch) -> int [R], the distinct table rows of a batch in buffer order.
     seed: seeds the tables' initialisers (a numpy Generator per table, derived from (seed, table index)).
   """
 
-  def __init__(self, tables: Mapping[str, HostRowTable], param_keys: Mapping[str, tuple], *, seed: int = 0):
-    if jax.process_count() != 1:
-      raise NotImplementedError("host row tables (memory bank) need the global batch's labels in one process; "
-                                "multi-process training with them is not supported")
+  def __init__(self, tables: Mapping[str, HostRowTable], params: Any, rows_of: Callable[[HostBatch], np.ndarray],
+               *, seed: int = 0):
     self.tables = dict(tables)
-    self.param_keys = dict(param_keys)
+    self.rows_of = rows_of
+    self.param_keys = tree_lib.key_index(params)
     for name, table in self.tables.items():
       if table.buffer_path not in self.param_keys:
         raise KeyError(f"host table {name!r}: buffer {table.buffer_path!r} is not a parameter path; paths look "
@@ -65,9 +88,8 @@ class HostRowBank:
     self.moments: dict[str, dict[str, np.ndarray]] = {name: {} for name in self.tables}
     self._slot_cache: dict[tuple, tuple[dict, dict]] = {}
 
-  @property
-  def num_parameters(self) -> int:
-    return sum(t.num_parameters for t in self.tables.values())
+  def parameter_counts(self) -> dict[str, int]:
+    return {t.buffer_path: t.num_parameters for t in self.tables.values()}
 
   # -- where the buffers and their moments sit in the train state ---------------------------------------
 
@@ -102,8 +124,9 @@ class HostRowBank:
                        f"(sample distinct classes per batch, sampler 'm_per_class')")
     return rows
 
-  def load(self, state: dict, rows: np.ndarray) -> dict:
+  def before_step(self, state: dict, batch: HostBatch) -> dict:
     """The train state with the buffers holding table[rows] and their moments moments[rows]."""
+    rows = self.rows_of(batch)
     p_leaves, p_def, buffers, o_leaves, o_def, moments = self._slots(state)
     for name in self.tables:
       old = p_leaves[buffers[name]]
@@ -117,11 +140,15 @@ class HostRowBank:
     return {**state, "params": jax.tree.unflatten(p_def, p_leaves),
             "opt_state": jax.tree.unflatten(o_def, o_leaves)}
 
-  def store(self, state: dict, rows: np.ndarray) -> None:
+  def after_step(self, state: dict, batch: HostBatch) -> None:
     """Writes the buffers' values and moments of the finished step back to table[rows]."""
+    rows = self.rows_of(batch)
     p_leaves, _, buffers, o_leaves, _, moments = self._slots(state)
-    fetched = jax.device_get({name: (p_leaves[buffers[name]], {k: o_leaves[i] for k, i in moments[name].items()})
-                              for name in self.tables})
+    # Buffers are replicated: every process reads its own copy (a multi-process array is not fully
+    # addressable, so jax.device_get would refuse it).
+    fetched = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)),
+                           {name: (p_leaves[buffers[name]], {k: o_leaves[i] for k, i in moments[name].items()})
+                            for name in self.tables})
     for name, (value, moment_values) in fetched.items():
       r = self._check_rows(name, rows, value.shape[0])
       self.values[name][r] = value

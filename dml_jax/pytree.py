@@ -53,3 +53,9 @@ def nest(flat: Mapping[Path, Any], keys: Mapping[Path, KeyTuple]) -> dict[Any, A
       node = node.setdefault(k, {})
     node[last] = leaf
   return out
+
+
+def map_with_paths(fn, tree: Any) -> Any:
+  """jax.tree.map with the leaf's '/'-joined path: fn(path, leaf); keeps the tree's own node types."""
+  return jax.tree_util.tree_map_with_path(lambda keypath, leaf: fn(path_string(_key_name(k) for k in keypath), leaf),
+                                          tree)

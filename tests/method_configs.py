@@ -1,0 +1,70 @@
+"""Tiny configurations of every registered method, for the contract test (tests/test_methods_contract.py).
+
+Each is the method's own recipe shrunk to the embedded digits (32 px), a random-init ViT of depth 2 and width
+64 (or a two-stage ResNet), 16-image batches, 2 steps per epoch, no evaluation during training. A new method
+adds its entry here; the contract test fails for a registered method without one.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from dml_jax import methods
+from dml_jax.train.config import default_config
+
+TINY_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)
+TINY_RESNET = dict(layers=(1, 1), channels=(8, 16), stem_width=8)
+
+
+def _base(method: str) -> ml_collections.ConfigDict:
+  c = default_config()
+  c.seed = 0
+  c.num_epochs = 2
+  c.method = methods.method_config(method)
+  c.dataset.name = "digits"
+  c.dataset.image_size = 32
+  c.dataset.resize_size = 32
+  c.data.batch_size = 16
+  c.data.eval_batch_size = 64
+  c.data.steps_per_epoch = 2
+  c.data.num_threads = 2
+  c.data.flip = False
+  c.model.backbone = "vit_small_patch16_224"
+  c.model.backbone_overrides = ml_collections.ConfigDict(TINY_VIT)
+  c.model.embedding_dim = 32
+  c.optim.lr = 1e-3
+  c.eval.every_epochs = 0
+  c.eval.metrics = ("recall",)
+  c.log.every_steps = 1
+  c.log.progress = False
+  c.log.tensorboard = False
+  return c
+
+
+def metric_loss() -> ml_collections.ConfigDict:
+  """Proxy-Anchor on a tiny ResNet with BatchNorm in training mode; warm-up of one epoch for the backbone."""
+  c = _base("metric_loss")
+  c.method.head = "gap_gmp_linear"
+  c.method.bn_freeze = False
+  c.model.backbone = "resnet50"
+  c.model.backbone_overrides = ml_collections.ConfigDict(TINY_RESNET)
+  c.optim.clip_value = 10.0
+  c.optim.groups = (("model/backbone/.*", dict(name="backbone", start_epoch=1)),
+                    ("loss/.*", dict(name="proxies", lr_mult=100.0)))
+  return c
+
+
+def vptsp() -> ml_collections.ConfigDict:
+  """VPTSP-G with the memory bank: frozen ViT but its biases, prompts, GRU, host tables."""
+  c = _base("vptsp")
+  c.method.update(dict(num_prompts=4, prompt_depth=2, prompt_block_step=1, num_class_prompts=2, class_prompt_depth=2,
+                       class_prompt_block_step=0, proxy_bias_ratio=0.3, rnn_dropout=0.1, memory_bank=True))
+  c.data.sampler = "m_per_class"
+  c.data.samples_per_class = 4
+  c.optim.optimizer = "adamw"
+  c.optim.groups = (("model/backbone/(?!.*bias$).*", dict(name="frozen_vit", frozen=True)),
+                    ("model/proxy_bias", dict(name="proxy_bias", lr=1e-2)))
+  return c
+
+
+TINY_CONFIGS = {"metric_loss": metric_loss, "vptsp": vptsp}
