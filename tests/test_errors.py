@@ -62,14 +62,17 @@ def test_keyboard_interrupt_is_one_line(capsys):
     (ValueError('Error writing local file "/runs/x/checkpoints/3/d/0": No space left on device [OSError]'),
      "error: disk full while writing /runs/x/checkpoints/3/d/0"),
 ])
-def test_environment_failures_say_so_first(capsys, error, line):
+def test_environment_failures_say_so_first(capsys, monkeypatch, error, line):
+  monkeypatch.setattr(cli, "_background_work", lambda: False)  # no repeat at the test process's exit
   assert cli.run(_raise(error)) == 2
   err = capsys.readouterr().err
   assert err.startswith(line), err
   assert err.count("\n") == 1
 
 
-def test_environment_cause_found_through_the_chain(capsys):
+def test_environment_cause_found_through_the_chain(capsys, monkeypatch):
+  monkeypatch.setattr(cli, "_background_work", lambda: False)
+
   def fn():
     try:
       raise OSError(errno.ENOSPC, "No space left on device", "/w/f")
