@@ -9,6 +9,9 @@ through its interface):
   methods    one module per paper.
   train      optimizer groups, the sharded update step, the epoch loop, checkpoints.
   eval       sharded embedding, kNN backends, retrieval and clustering metrics.
+
+Reliability (docs/reliability.md): `errors` (UserError), `cli` (one `error:` line, exit statuses),
+`workdir_lock` (one run per workdir), `preemption` (save and stop on SIGTERM / SIGINT).
 """
 
 __version__ = "0.1.0"

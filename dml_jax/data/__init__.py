@@ -13,13 +13,15 @@ from __future__ import annotations
 
 from dml_jax.data import digits as _digits
 from dml_jax.data.digits import ensure_digits_tree
-from dml_jax.data.errors import CorruptImageError, DatasetLayoutError, MissingFilesError
+from dml_jax.data.errors import CorruptImageError, DatasetLayoutError, MissingFilesError, UnreadableImagesError
 from dml_jax.data.loaders import (EvalLoader, TrainEpochIterator, TrainLoader, make_eval_loader, make_sampler,
                                   make_train_loader)
 from dml_jax.data.prepare import find_prepared, prepare, read_prepared
 from dml_jax.data.readers import DATASETS, read_raw
+from dml_jax.data.readers.common import require_decodable
 from dml_jax.data.records import DatasetSplits, Records
 from dml_jax.data.samplers import BatchSampler, GroupedSampler, MPerClassSampler, RandomSampler
+from dml_jax.errors import InvalidValueError, unknown_name
 
 SOURCES = ("auto", "raw", "prepared", "tfds")
 
@@ -40,11 +42,11 @@ def load_dataset(name: str, data_root: str | None = None, *, source: str = "auto
     vehicleid_test_size: 'small' | 'medium' | 'large' test list of VehicleID as `.eval`.
   """
   if name not in DATASETS:
-    raise KeyError(f"unknown dataset {name!r}; known: {list(DATASETS)}")
+    raise unknown_name("dataset", name, DATASETS, hint="set dataset.name (train.py: --config.dataset.name=NAME)")
   if source not in SOURCES:
-    raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    raise unknown_name("dataset source", source, SOURCES, cls=InvalidValueError)
   if name == "vehicleid" and vehicleid_test_size not in ("small", "medium", "large"):
-    raise ValueError(f"vehicleid_test_size must be 'small', 'medium' or 'large', got {vehicleid_test_size!r}")
+    raise InvalidValueError(f"vehicleid_test_size must be 'small', 'medium' or 'large', got {vehicleid_test_size!r}")
   if source == "tfds":
     from dml_jax.data.tfds_source import read_tfds
 
@@ -69,6 +71,6 @@ def load_dataset(name: str, data_root: str | None = None, *, source: str = "auto
 __all__ = [
     "DATASETS", "SOURCES", "BatchSampler", "CorruptImageError", "DatasetLayoutError", "DatasetSplits", "EvalLoader",
     "GroupedSampler", "MPerClassSampler", "MissingFilesError", "RandomSampler", "Records", "TrainEpochIterator",
-    "TrainLoader", "ensure_digits_tree", "load_dataset", "make_eval_loader", "make_sampler", "make_train_loader",
-    "prepare", "read_prepared", "read_raw",
+    "TrainLoader", "UnreadableImagesError", "ensure_digits_tree", "load_dataset", "make_eval_loader", "make_sampler",
+    "make_train_loader", "prepare", "read_prepared", "read_raw", "require_decodable",
 ]

@@ -3,6 +3,10 @@
 Each writer creates the folders and split files a real download would have, with small generated
 images, and returns what a reader must find: {split: (num_images, num_classes)} (In-Shop adds 'query'
 and 'gallery'; VehicleID has 'train' and 'test_<size>').
+
+CUB and Cars trees with fewer classes than the dataset take the first classes of each official split
+(CUB ids 1.. and 101..; Cars 1.. and 99..) and declare them in `dml_jax_subset.txt`, as a partial tree
+must: the readers split by class id and refuse a tree with missing classes otherwise.
 """
 
 from __future__ import annotations
@@ -43,9 +47,29 @@ def _per_class(c: int) -> int:
   return 1 + c % 3  # 1, 2, 3, 1, 2, 3 ...: uneven classes catch off-by-one splits
 
 
+def split_class_ids(num_classes: int, total: int, num_train: int) -> list[int]:
+  """`num_classes` official class ids: all `total` of them, or the first of each split (half train, rest test)."""
+  if num_classes == total:
+    return list(range(1, total + 1))
+  half = num_classes // 2
+  if not 1 <= half <= num_train or not 1 <= num_classes - half <= total - num_train:
+    raise ValueError(f"cannot take {num_classes} classes, half from each split of {num_train} + {total - num_train}")
+  return list(range(1, half + 1)) + list(range(num_train + 1, num_train + 1 + num_classes - half))
+
+
+def write_subset_file(folder: str, class_ids: list[int], total: int) -> None:
+  """Declares a partial tree (readers' SUBSET_FILE); nothing is written for a complete one."""
+  if len(class_ids) == total:
+    return
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, "dml_jax_subset.txt"), "w") as f:
+    f.write("# class ids of this partial tree (written by dml_jax.data.synthetic)\n")
+    f.writelines(f"{c}\n" for c in class_ids)
+
+
 def class_folders(root: str, dirname: str, class_names: list[str], *, images_per_class: Callable[[int], int] =
                   _per_class, size: tuple[int, int] = (12, 10), ext: str = ".jpg") -> Counts:
-  """<root>/<dirname>/images/<class>/<i>.jpg; the first half of `class_names` (reader order) trains."""
+  """<root>/<dirname>/images/<class>/<i>.jpg; the first half of `class_names` must be the training classes."""
   counts = [images_per_class(c) for c in range(len(class_names))]
   for c, name in enumerate(class_names):
     for i in range(counts[c]):
@@ -56,16 +80,21 @@ def class_folders(root: str, dirname: str, class_names: list[str], *, images_per
 
 
 def cub_folders(root: str, dirname: str = "cub200", num_classes: int = 200, **kw) -> Counts:
-  """CUB class folders 'NNN.Bird_Name' (1-based, zero padded)."""
-  return class_folders(root, dirname, [f"{c + 1:03d}.Bird_{c + 1}" for c in range(num_classes)], **kw)
+  """CUB class folders 'NNN.Bird_Name' (1-based, zero padded); fewer than 200: ids 1.. and 101.. (a subset)."""
+  ids = split_class_ids(num_classes, 200, 100)
+  write_subset_file(os.path.join(root, dirname), ids, 200)
+  return class_folders(root, dirname, [f"{c:03d}.Bird_{c}" for c in ids], **kw)
 
 
 def cars_class_names(num_classes: int = 196) -> list[str]:
-  """Class names whose Python string order is the class order (as the real make/model names are)."""
-  return [f"Make{c // 10:02d} Model {chr(65 + c % 10)} {2000 + c % 13}" for c in range(num_classes)]
+  """Folder names of `num_classes` Cars196 classes (the real class names), ids 1.. and 99.. for a subset."""
+  from dml_jax.data.readers import cars_classes
+
+  return [cars_classes.folder_name(c) for c in split_class_ids(num_classes, 196, 98)]
 
 
 def cars_folders(root: str, dirname: str = "cars196", num_classes: int = 196, **kw) -> Counts:
+  write_subset_file(os.path.join(root, dirname), split_class_ids(num_classes, 196, 98), 196)
   return class_folders(root, dirname, cars_class_names(num_classes), **kw)
 
 
@@ -75,7 +104,9 @@ def cars_annos(root: str, dirname: str = "cars196", num_classes: int = 196, size
   import scipy.io
 
   folder = os.path.join(root, dirname)
-  classes = [c for c in range(1, num_classes + 1) for _ in range(_per_class(c))]
+  ids = split_class_ids(num_classes, 196, 98)
+  write_subset_file(folder, ids, 196)
+  classes = [c for c in ids for _ in range(_per_class(c))]
   order = np.random.default_rng(0).permutation(len(classes))  # the file interleaves classes
   classes = [classes[i] for i in order]
   dtype = [("relative_im_path", "O"), ("bbox_x1", "O"), ("bbox_y1", "O"), ("bbox_x2", "O"), ("bbox_y2", "O"),
@@ -90,7 +121,7 @@ def cars_annos(root: str, dirname: str = "cars196", num_classes: int = 196, size
                    {"annotations": annos, "class_names": np.array([[f"class {c}" for c in range(num_classes)]],
                                                                    dtype=object)})
   half = num_classes // 2
-  return {"train": (sum(c <= half for c in classes), half), "eval": (sum(c > half for c in classes), half)}
+  return {"train": (sum(c <= 98 for c in classes), half), "eval": (sum(c > 98 for c in classes), num_classes - half)}
 
 
 def sop(root: str, dirname: str = "sop", *, info_files: bool = True, num_train_classes: int = 7,

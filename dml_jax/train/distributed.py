@@ -19,6 +19,8 @@ import os
 
 import jax
 
+from dml_jax.errors import UserError
+
 
 def slurm_job() -> bool:
   """True inside a multi-task SLURM job step (srun with more than one task)."""
@@ -31,11 +33,14 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   """Connects this process to the others (see the module docstring); a no-op for a single process."""
   explicit = coordinator_address is not None
   if explicit and (num_processes is None or process_id is None):
-    raise ValueError("--coordinator_address needs --num_processes and --process_id too")
+    raise UserError("--coordinator_address needs --num_processes and --process_id too",
+                    "e.g. --coordinator_address=host0:1234 --num_processes=2 --process_id=0 on the first host")
   if not explicit and not slurm_job():
-    if num_processes not in (None, 1):
-      raise ValueError("--num_processes > 1 needs --coordinator_address (host:port of process 0)")
+    if num_processes not in (None, 1) or process_id not in (None, 0):
+      raise UserError("--num_processes / --process_id need --coordinator_address (host:port of process 0)")
     return
+  if explicit and not 0 <= process_id < num_processes:
+    raise UserError(f"--process_id {process_id} must lie in [0, --num_processes={num_processes})")
   # Only the CPU backend reads this (GPUs use NCCL): without it, CPU-only hosts cannot run collectives.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if explicit:

@@ -11,6 +11,7 @@ import types
 
 from dml_jax.data.readers import cars, common, cub, digits, inaturalist, inshop, sop, vehicleid
 from dml_jax.data.records import DatasetSplits
+from dml_jax.errors import unknown_name
 
 READERS: dict[str, types.ModuleType] = {m.NAME: m for m in (cub, cars, sop, inshop, inaturalist, vehicleid, digits)}
 DATASETS = tuple(READERS)
@@ -18,7 +19,7 @@ DATASETS = tuple(READERS)
 
 def get_reader(name: str) -> types.ModuleType:
   if name not in READERS:
-    raise KeyError(f"unknown dataset {name!r}; known: {list(DATASETS)}")
+    raise unknown_name("dataset", name, DATASETS)
   return READERS[name]
 
 
