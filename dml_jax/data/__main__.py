@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = prepare(args.dataset, args.data_root, args.out, shorter_side=args.shorter_side, quality=args.quality,
                      records_per_shard=args.records_per_shard, num_threads=args.num_threads,
                      skip_corrupt=args.skip_corrupt, overwrite=args.overwrite)
-  except (DatasetLayoutError, MissingFilesError, CorruptImageError, FileExistsError) as e:
+  except (DatasetLayoutError, MissingFilesError, CorruptImageError, FileExistsError, ValueError) as e:
     print(f"ERROR: {e}", file=sys.stderr)
     return 1
   print(f"prepared {args.dataset} in {folder}")
