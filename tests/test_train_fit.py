@@ -37,6 +37,7 @@ def tiny_config(**changes):
   c.eval.before_training = False
   c.log.every_steps = 1
   c.log.progress = False
+  c.log.plots = False
   for key, value in changes.items():
     node = c
     *parents, last = key.split(".")

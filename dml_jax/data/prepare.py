@@ -140,6 +140,9 @@ def prepare(name: str, data_root: str, out: str, *, shorter_side: int = 256, qua
   from dml_jax.data.digits import default_root, ensure_digits_tree
   from dml_jax.data.readers import read_raw
 
+  if name == "folder":
+    # Its split is made at load time (seeded, or from the run's split.json); shards would freeze one split.
+    raise ValueError("the 'folder' dataset is read from its class folders; it has no prepared shards")
   if name == "digits":
     data_root = default_root() if data_root is None else data_root
     ensure_digits_tree(data_root)

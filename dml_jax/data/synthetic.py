@@ -283,3 +283,81 @@ def tfds_dataset(data_dir: str, builder_name: str, splits: dict[str, list[dict]]
   builder.info.set_file_format("array_record")
   builder.info.write_to_directory(builder.data_dir)
   return str(builder.data_dir)
+
+
+_SHAPES = ("disc", "square", "triangle", "ring", "bars", "cross", "diamond", "dots")
+
+
+def picture(class_index: int, seed: int, size: tuple[int, int] = (64, 48)) -> Image.Image:
+  """A small RGB picture whose class shows: a shape and hue per class, placed and tinted at random per image.
+
+  Class c draws shape `_SHAPES[c % 8]` in a hue spread over the colour wheel by c (golden-ratio steps), on a
+  noisy background of the complementary hue; position, scale, rotation and brightness vary with `seed`.
+  Classes therefore differ in colour and form as photos of different things do, while images of one class
+  are not copies of each other.
+  """
+  import colorsys
+
+  from PIL import ImageDraw, ImageFilter
+
+  rng = np.random.default_rng([class_index, seed])
+  w, h = size
+  hue = (class_index * 0.618034) % 1.0
+  fg = np.array(colorsys.hsv_to_rgb(hue, 0.75, rng.uniform(0.75, 1.0))) * 255
+  bg = np.array(colorsys.hsv_to_rgb((hue + 0.5) % 1.0, 0.25, rng.uniform(0.3, 0.55))) * 255
+  yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+  shade = (xx / w - 0.5) * rng.uniform(-40, 40) + (yy / h - 0.5) * rng.uniform(-40, 40)
+  pixels = bg + shade[..., None] + rng.normal(0, 10, (h, w, 3))
+  img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+  draw = ImageDraw.Draw(img)
+  r = min(w, h) * rng.uniform(0.25, 0.4)
+  cx, cy = w * rng.uniform(0.35, 0.65), h * rng.uniform(0.35, 0.65)
+  color = tuple(int(v) for v in fg)
+  shape = _SHAPES[class_index % len(_SHAPES)]
+  angle = rng.uniform(0, 2 * np.pi)
+  if shape == "disc":
+    draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=color)
+  elif shape == "ring":
+    draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=color, width=max(2, int(r / 3)))
+  elif shape in ("square", "triangle"):
+    corners = 4 if shape == "square" else 3
+    draw.polygon([(cx + r * np.cos(angle + 2 * np.pi * k / corners), cy + r * np.sin(angle + 2 * np.pi * k / corners))
+                  for k in range(corners)], fill=color)
+  elif shape == "diamond":  # a tall rhombus, tilted a little: unlike the square, its axes stay put
+    tilt = rng.uniform(-0.3, 0.3)
+    c, s = np.cos(tilt), np.sin(tilt)
+    draw.polygon([(cx + r * (sx * c - sy * s), cy + r * (sx * s + sy * c))
+                  for sx, sy in ((0.6, 0), (0, 1.2), (-0.6, 0), (0, -1.2))], fill=color)
+  elif shape == "bars":
+    step = max(4, int(r / 2))
+    for x in range(int(cx - 2 * r), int(cx + 2 * r), 2 * step):
+      draw.rectangle((x, cy - r, x + step - 1, cy + r), fill=color)
+  elif shape == "cross":
+    t = max(2, int(r / 3))
+    draw.rectangle((cx - r, cy - t, cx + r, cy + t), fill=color)
+    draw.rectangle((cx - t, cy - r, cx + t, cy + r), fill=color)
+  else:  # dots
+    for _ in range(6):
+      dx, dy, s = rng.uniform(-r, r), rng.uniform(-r, r), r / 4
+      draw.ellipse((cx + dx - s, cy + dy - s, cx + dx + s, cy + dy + s), fill=color)
+  return img.filter(ImageFilter.GaussianBlur(0.6))
+
+
+def picture_folder(root: str, class_names: list[str], images_per_class: int | Callable[[int], int] = 6, *,
+                   size: tuple[int, int] = (64, 48), ext: str = ".jpg", seed: int = 0) -> dict[str, list[str]]:
+  """Writes `<root>/<class>/<class>_<i><ext>` pictures (see `picture`); returns {class: [paths]} in class order.
+
+  The layout of the `folder` dataset and of `python -m dml_jax.retrieve build --images`.
+  """
+  out = {}
+  for c, name in enumerate(class_names):
+    n = images_per_class(c) if callable(images_per_class) else images_per_class
+    paths = []
+    for i in range(n):
+      path = os.path.join(root, name, f"{name}_{i:03d}{ext}")
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      img = picture(c, seed * 100_003 + i, size)
+      img.save(path, **({"quality": 92} if ext in (".jpg", ".jpeg") else {}))
+      paths.append(path)
+    out[name] = paths
+  return out

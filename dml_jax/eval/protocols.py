@@ -9,6 +9,7 @@
 | vehicleid    | 1, 5                     | leave-one-out within ONE test list                         |
 | inaturalist  | 1, 4, 16, 32             | leave-one-out on the test set (Brown et al. split)         |
 | digits       | 1, 2, 4, 8               | leave-one-out (the embedded sklearn-digits demo, CUB rule) |
+| folder       | 1, 2, 4, 8               | leave-one-out on the test classes of your own images       |
 
 VehicleID: its small / medium / large test lists (800 / 1,600 / 2,400 ids) are evaluated separately.
 The caller embeds the records of one list and calls `evaluate('vehicleid', ...)` once per list
@@ -62,6 +63,7 @@ PROTOCOLS = {
     "vehicleid": Protocol("vehicleid", (1, 5)),
     "inaturalist": Protocol("inaturalist", (1, 4, 16, 32)),
     "digits": Protocol("digits", (1, 2, 4, 8)),
+    "folder": Protocol("folder", (1, 2, 4, 8)),
 }
 
 _ALIASES = {

@@ -13,7 +13,9 @@ Keys:
   dataset.*                 name, data_root ('' = the dataset's default; digits: ~/.cache/dml_jax), source,
                             image_size, resize_size (eval: Resize -> CenterCrop image_size),
                             val_fraction (> 0: hold out that fraction of the TRAINING classes as a
-                            validation split for model selection), skip_corrupt
+                            validation split for model selection), skip_corrupt, folder (how your own
+                            `folder` dataset splits its classes: train_fraction, seed, classes_file,
+                            classes_file_split; recorded in <workdir>/split.json)
   data.*                    batch_size (global), sampler ('random' | 'm_per_class' | 'm_per_class_replace';
                             a method may supply its own per epoch), samples_per_class, steps_per_epoch
                             (0 = len(train) // batch), eval_batch_size, num_threads, num_workers,
@@ -27,7 +29,8 @@ Keys:
                             metrics, options (protocols.evaluate keywords), select_on ('test' as the seeds,
                             or 'val'), select_metric ('recall@1', 'map@r', ...)
   checkpoint.*              keep_last, keep_best, every_steps (0 = at epoch ends only)
-  log.*                     every_steps, tensorboard, progress (tqdm bars)
+  log.*                     every_steps, tensorboard, progress (tqdm bars), plots (PNGs of the run in
+                            <workdir>/plots at the end: curves, Recall@K, retrieval grid, embedding map)
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.method = ml_collections.ConfigDict(dict(name="metric_loss"))
   c.dataset = ml_collections.ConfigDict(dict(
       name="cub200", data_root="", source="auto", image_size=224, resize_size=256, val_fraction=0.0,
-      skip_corrupt=False))
+      skip_corrupt=False,
+      folder=ml_collections.ConfigDict(dict(train_fraction=0.5, seed=0, classes_file="", classes_file_split="test"))))
   c.data = ml_collections.ConfigDict(dict(
       batch_size=120, sampler="random", samples_per_class=2, steps_per_epoch=0, eval_batch_size=128,
       num_threads=8, num_workers=0, augment="base", scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip=True,
@@ -65,7 +69,7 @@ def default_config() -> ml_collections.ConfigDict:
       every_epochs=1, start_epoch=0, before_training=False, protocol="", metrics=("recall", "r_precision", "map@r"),
       options=ml_collections.ConfigDict(), select_on="test", select_metric="recall@1"))
   c.checkpoint = ml_collections.ConfigDict(dict(keep_last=1, keep_best=True, every_steps=0))
-  c.log = ml_collections.ConfigDict(dict(every_steps=20, tensorboard=True, progress=True))
+  c.log = ml_collections.ConfigDict(dict(every_steps=20, tensorboard=True, progress=True, plots=True))
   return c
 
 

@@ -30,8 +30,10 @@ import tqdm
 from dml_jax import data as data_lib
 from dml_jax import methods as methods_lib
 from dml_jax import pytree as tree_lib
+from dml_jax.data.readers import folder as folder_lib
 from dml_jax.eval import embed as embed_lib
 from dml_jax.eval import protocols
+from dml_jax.eval import saved as saved_lib
 from dml_jax.methods.base import HostBatch
 from dml_jax.train import checkpoint as ckpt_lib
 from dml_jax.train import config as config_lib
@@ -134,8 +136,11 @@ class Trainer:
 
   def _load_data(self) -> None:
     c, ds = self.config, self.config.dataset
+    # Your own `folder` dataset: the split recorded in the workdir by an earlier start wins over the config.
+    folder_split = folder_lib.split_for_run(ds.folder, self.workdir) if ds.name == "folder" else None
     splits = data_lib.load_dataset(ds.name, ds.data_root or None, source=ds.source, skip_corrupt=ds.skip_corrupt,
-                                   num_threads=c.data.num_threads)
+                                   num_threads=c.data.num_threads, folder_split=folder_split)
+    self.split_manifest = splits.split_manifest
     self.dataset_name = splits.name
     self.protocol = c.eval.protocol or ds.name
     test_protocol = protocols.get_protocol(self.protocol)  # fail now, not after an epoch
@@ -223,6 +228,8 @@ class Trainer:
   def _start(self) -> tuple[dict, _Progress]:
     """A fresh train state, or the newest checkpoint's (with the host state restored)."""
     latest = self.checkpoints.latest_step()
+    if self.split_manifest is not None and self.is_main:
+      data_lib.write_split_manifest(self.workdir / folder_lib.SPLIT_FILE, self.split_manifest)
     if latest is None:
       self.groups = self.plan.groups(0)
       self.logger.write("config", step=0, epoch=0, config=json.loads(self.config.to_json_best_effort()))
@@ -272,6 +279,8 @@ class Trainer:
   def evaluate(self, state: dict, split: str) -> dict[str, float]:
     records = self.eval_splits[split]
     emb, labels, indices = self.embed(state, self._eval_loaders[split], f"embed {split}")
+    if split == "test":
+      self._last_test = (emb, labels, indices)  # saved with the best checkpoint (plots, retrieval)
     c = self.config.eval
     protocol, options = (self.val_protocol, {**dict(c.options), **self.val_options}) if split == "val" else (
         self.protocol, dict(c.options))
@@ -305,6 +314,16 @@ class Trainer:
       row[split] = res
       _echo((f"epoch {epoch} {split}: " if epoch >= 0 else f"before training, {split}: ") + _format_metrics(res))
     return row
+
+  def _save_best_embeddings(self, epoch: int, step: int) -> None:
+    """The test split's embeddings under the new best checkpoint, for `python -m dml_jax.plot`."""
+    if not self.is_main or getattr(self, "_last_test", None) is None:
+      return
+    emb, labels, indices = self._last_test
+    records = self.eval_splits["test"]
+    saved_lib.save_embeddings(saved_lib.best_test_path(self.workdir), emb, labels, records.paths[indices],
+                              records.roles[indices], protocol=self.protocol, class_names=records.class_names,
+                              split="test", step=step, epoch=epoch)
 
   def _select(self, row: dict[str, dict[str, float]], epoch: int, step: int, progress: _Progress) -> bool:
     """Updates the best-so-far with this epoch's evaluation; True when this epoch is the new best."""
@@ -352,12 +371,28 @@ class Trainer:
       is_best = False
       if self._evaluates_after(epoch):
         is_best = self._select(self._evaluate_epoch(state, epoch, history), epoch, step, progress)
+        if is_best:
+          self._save_best_embeddings(epoch, step)
       progress.epoch = epoch + 1
       self._save(state, progress, step=step, phase_epoch=epoch, best_too=is_best)
 
     summary = self._summary(history, progress.best, time.perf_counter() - t_start, images_seen, train_time)
     self.close()
+    self._plot()
     return summary
+
+  def _plot(self) -> None:
+    """The run's pictures (<workdir>/plots/*.png); a plotting failure never fails a finished run."""
+    if not (self.is_main and self.config.log.plots):
+      return
+    try:
+      from dml_jax import plot as plot_lib  # matplotlib only when drawing
+
+      written = plot_lib.plot_run(self.workdir)
+      _echo("plots: " + ", ".join(str(p) for p in written))
+    except Exception as e:  # noqa: BLE001 (a finished run's checkpoints matter more than its pictures)
+      _echo(f"warning: the run's plots could not be drawn ({type(e).__name__}: {e}); "
+            f"python -m dml_jax.plot --workdir {self.workdir} retries")
 
   def _announce_selection(self) -> None:
     split, metric = self.config.eval.select_on, self.config.eval.select_metric
