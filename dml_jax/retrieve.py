@@ -165,83 +165,22 @@ def _weights_embedder(weights: str, image_size: int | None) -> Embedder:
 
 
 def _workdir_embedder(workdir: str, checkpoint: str) -> Embedder:
-  """Adapter: a training run's checkpoint -> its method's evaluation embedding (`method.embed_fn`).
-
-  Rebuilds the method from the config stored in the checkpoint (`dml_jax.methods.build`, `method.init`: the
-  run's converted weights directory must still be where the run found it, for the architecture and the
-  preprocessing) and restores the checkpoint's parameters (`dml_jax.train.checkpoint`, orbax). The embedding
-  reads params['model'] and method_state['model'] only (metric_loss).
-  """
-  import jax
-  import ml_collections
-  import orbax.checkpoint as ocp
-
-  from dml_jax import methods
-  from dml_jax.train import checkpoint as ckpt_lib
+  """Adapter: a training run's checkpoint -> its method's evaluation embedding (`method.embed_fn`), for any
+  method: `dml_jax.train.loop.load_trained` rebuilds the method from the checkpoint alone (its config, class
+  count and preprocessing) and restores the verified parameters."""
+  from dml_jax.train import loop
 
   root = pathlib.Path(workdir).expanduser().absolute()
   if not (root / "checkpoints").is_dir():
     raise RetrievalError(f"--workdir {root}: no checkpoints/ folder; expected the workdir of a training run "
                          "(python train.py --workdir ...)")
-  checkpoints = ckpt_lib.Checkpoints(root, keep_last=1, keep_best=True)
-  try:
-    step = checkpoints.latest_step(checkpoint)
-    if step is None and checkpoint == ckpt_lib.BEST:
-      print(f"{root}: no best checkpoint (no evaluation ran); using the last one", file=sys.stderr)
-      checkpoint, step = ckpt_lib.LAST, checkpoints.latest_step(ckpt_lib.LAST)
-    if step is None:
-      raise RetrievalError(f"--workdir {root}: no {checkpoint} checkpoint under {checkpoints.root}")
-    meta = checkpoints.read_meta(step, checkpoint)
-  finally:
-    checkpoints.close()
-  config = ml_collections.ConfigDict(meta["config"])
-  if config.method.name != "metric_loss":
-    # Other methods' models are shaped by the number of training classes (VPTSP's class prompts), which the
-    # checkpoint does not record; their embedding needs an adapter of its own.
-    raise RetrievalError(f"--workdir {root}: retrieval supports runs of method 'metric_loss' (backbone + head); "
-                         f"this run is {config.method.name!r}")
-  weights = config.model.get("weights", "")
-  if weights and not pathlib.Path(weights).expanduser().exists():
-    raise RetrievalError(f"the run's config.model.weights {weights!r} is not found from {os.getcwd()}; it gives "
-                         "the model's architecture and preprocessing: run from the folder the run was started in")
-  state = ocp.StandardCheckpointer().restore(checkpoints.root / checkpoint / str(step) / "state")
-  # The number of training classes shapes only the loss parameters (proxies), which the embedding never reads;
-  # the restored parameters replace the initialised ones wholesale.
-  method = methods.build(config, num_classes=2)
-  init_params, init_state = method.init(jax.random.key(0))
-  params = {"model": _restored_like(init_params["model"], state["params"]["model"], "parameters", root)}
-  method_state = {**init_state, "model": _restored_like(init_state["model"], state["method_state"]["model"],
-                                                         "model state", root)}
+  run = loop.load_trained(root, checkpoint, echo=lambda line: print(line, file=sys.stderr))
+  config = run.config
   pre = Preprocessing(int(config.dataset.image_size), int(config.dataset.resize_size),
-                      str(config.data.interpolation), method.pretrained_cfg)
-  embed = jax.jit(method.embed_fn)
-  source = {"kind": "workdir", "workdir": str(root), "checkpoint": checkpoint, "step": int(step),
-            "epoch": int(meta["epoch"]) - 1, "method": config.method.name, "backbone": config.model.backbone}
-  return Embedder(functools.partial(embed, params, method_state), pre,
-                  _hash_arrays({"params": params, "method_state": method_state}, pre), source)
-
-
-def _restored_like(template: Any, restored: Any, what: str, workdir: pathlib.Path) -> Any:
-  """`restored`'s arrays in `template`'s tree structure, matched by path.
-
-  A checkpoint read without a target has string keys where the model has integers ('10' sorts before '2'),
-  so its leaves are matched by '/'-joined path rather than by order; any difference in paths or shapes stops.
-  """
-  import jax
-
-  def flat(tree):
-    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-  want, have = flat(template), flat(restored)
-  shapes_want = {k: tuple(np.shape(v)) for k, v in want.items()}
-  shapes_have = {k: tuple(np.shape(v)) for k, v in have.items()}
-  if shapes_want != shapes_have:
-    diff = sorted(set(shapes_want.items()) ^ set(shapes_have.items()))[:10]
-    raise RetrievalError(f"{workdir}: the checkpoint's model {what} do not match the model its config builds "
-                         f"(first differences, path and shape: {diff})")
-  leaves = [np.asarray(have[k]) for k in want]
-  return jax.tree.unflatten(jax.tree.structure(template), leaves)
+                      str(config.data.interpolation), run.method.pretrained_cfg)
+  source = {"kind": "workdir", "workdir": str(root), "checkpoint": checkpoint, "step": int(run.step),
+            "epoch": int(run.meta["epoch"]) - 1, "method": config.method.name, "backbone": config.model.backbone}
+  return Embedder(run.embed, pre, _hash_arrays({"params": run.params, "method_state": run.method_state}, pre), source)
 
 
 def load_embedder(*, workdir: str | None = None, weights: str | None = None, checkpoint: str = "best",

@@ -53,10 +53,10 @@ def train_losses(workdir):
 
 
 def restore_state(workdir, step):
-  return ocp.StandardCheckpointer().restore(pathlib.Path(workdir).absolute() / "checkpoints" / "last" / str(step) / "state")
+  return ocp.StandardCheckpointer().restore(pathlib.Path(workdir).absolute() / "checkpoints" / "steps" / str(step) / "state")
 
 
-def test_resume_after_an_epoch_gives_identical_losses_and_frozen_stays_bit_identical(tmp_path):
+def test_resume_after_an_epoch_gives_identical_losses_and_frozen_stays_bit_identical(tmp_path, monkeypatch):
   # Block 0 frozen for good; a warm-up epoch trains only the head and the proxies, so the resume also
   # crosses the change of the trainable set (fresh optimizer state for the backbone from epoch 1).
   frozen = "model/backbone/blocks/0/.*"
@@ -90,13 +90,20 @@ def test_resume_after_an_epoch_gives_identical_losses_and_frozen_stays_bit_ident
   assert opt_paths and not any("blocks/0/" in p for p in opt_paths)
   assert sorted(state["opt_state"]) == ["backbone_from_epoch1", "base", "proxies"]
 
-  # NaN guard: a NaN learning rate poisons the parameters in the first step of epoch 2; the next loss is
-  # NaN, training stops naming that step, and the last checkpoint on disk stays the good one (step 6).
+  # NaN guard: a diverging step (simulated: NaN learning rates from epoch 2, which the config check would
+  # refuse) poisons the parameters in the first step of epoch 2; the next loss is NaN, training stops naming
+  # that step, and the last checkpoint on disk stays the good one (step 6).
+  real_rates = loop.step_lib.learning_rate_args
+
+  def diverging(groups, epoch):
+    lrs, ep = real_rates(groups, epoch)
+    return ({k: np.float32("nan") for k in lrs} if epoch >= 2 else lrs), ep
+
+  monkeypatch.setattr(loop.step_lib, "learning_rate_args", diverging)
   with pytest.raises(loop.NonFiniteLossError, match=r"at step 7 \(epoch 2\).*last good checkpoint is step 6"):
-    loop.fit(tiny_config(**changes, num_epochs=3, **{"optim.lr": float("nan")}), tmp_path / "full")
-  mngr = ocp.CheckpointManager((tmp_path / "full").absolute() / "checkpoints" / "last")
-  assert mngr.latest_step() == 6
-  mngr.close()
+    loop.fit(tiny_config(**changes, num_epochs=3), tmp_path / "full")
+  manifest = json.loads((tmp_path / "full" / "checkpoints" / "manifest.json").read_text())
+  assert manifest["last"] == [6]
 
 
 def test_unknown_config_key_names_close_match(tmp_path):
