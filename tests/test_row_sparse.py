@@ -1,8 +1,9 @@
 """Host row tables (VPTSP's prompt memory bank): lazy row-sparse updates through the engine's update step.
 
-References, written here from the spec (specs/vptsp_dada.md §1.8) and not calling dml_jax's optimizer code:
+References, written here from the official code's prompt memory bank and not calling dml_jax's optimizer code:
   * torch: the official mechanism itself, a CPU table and CPU moment bank, a small buffer Parameter that
-    receives the batch's rows and moments before `AdamW.step()` / `SGD.step()` and gives them back after;
+    receives the batch's rows and moments before `AdamW.step()` / `SGD.step()` and gives them back after
+    (its results come from tests/references, `ref` fixture);
   * optax.adamw on the whole table when every row is in every batch (then lazy == dense).
 """
 
@@ -14,7 +15,6 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-import torch
 
 from dml_jax.methods import Method
 from dml_jax.methods.host_tables import HostRowTable
@@ -72,6 +72,8 @@ def _engine_run(optimizer, weight_decay, row_schedule, lrs, grads, buffer_rows):
   update = jax.jit(step_lib.build_update_fn(method, phase, keys))
   table = HostRowTable(BUFFER, NUM_ROWS, ROW_SHAPE, _table_init)
   bank = HostRowBank({"rows": table}, keys, seed=0)
+  # The table's start from seeded numpy here, not from the bank's own seeding: it is the torch reference's input.
+  bank.values["rows"][...] = _table_init(np.random.default_rng(100))
   initial = bank.values["rows"].copy()
   for rows, lr, g in zip(row_schedule, lrs, grads):
     rows = np.asarray(rows)
@@ -83,6 +85,8 @@ def _engine_run(optimizer, weight_decay, row_schedule, lrs, grads, buffer_rows):
 
 def _torch_memory_bank(optimizer, weight_decay, initial, dense0, row_schedule, lrs, grads, buffer_rows):
   """The official bank: table and moments on the CPU, a buffer Parameter swapped in and out per step."""
+  import torch
+
   table = torch.tensor(initial)
   dense = torch.nn.Parameter(torch.tensor(dense0))
   buffer = torch.nn.Parameter(torch.zeros((buffer_rows,) + ROW_SHAPE))
@@ -120,12 +124,19 @@ def _torch_memory_bank(optimizer, weight_decay, initial, dense0, row_schedule, l
 
 
 @pytest.mark.parametrize("optimizer,weight_decay", [("adamw", 1e-2), ("sgd", 1e-3)])
-def test_lazy_rows_match_the_official_memory_bank(optimizer, weight_decay):
+def test_lazy_rows_match_the_official_memory_bank(ref, optimizer, weight_decay):
   grads = _grads(len(ROW_SCHEDULE), BATCH_ROWS)
   initial, bank, dense = _engine_run(optimizer, weight_decay, ROW_SCHEDULE, LRS, grads, BATCH_ROWS)
   dense0 = np.asarray(LinearProbe(BATCH_ROWS).init(None)[0]["model"]["dense"])
-  ref_table, ref_moments, ref_dense = _torch_memory_bank(optimizer, weight_decay, initial, dense0, ROW_SCHEDULE, LRS,
-                                                         grads, BATCH_ROWS)
+
+  def compute():
+    table, moments, dense = _torch_memory_bank(optimizer, weight_decay, initial, dense0, ROW_SCHEDULE, LRS, grads,
+                                               BATCH_ROWS)
+    return {"table": table, "dense": dense, **{f"moment/{k}": v for k, v in moments.items()}}
+
+  expected = ref(f"row_sparse/official_memory_bank_{optimizer}", compute)
+  ref_table, ref_dense = expected["table"], expected["dense"]
+  ref_moments = {k[len("moment/"):]: v for k, v in expected.items() if k.startswith("moment/")}
   np.testing.assert_allclose(bank.values["rows"], ref_table, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(dense, ref_dense, rtol=1e-5, atol=1e-6)
   ours = bank.moments["rows"]

@@ -1,4 +1,7 @@
-"""Optimizer groups and schedules against torch.optim (the seeds' optimizers), on small tensors."""
+"""Optimizer groups and schedules against torch.optim (the seeds' optimizers), on small tensors.
+
+torch's trajectories come from tests/references (`ref` fixture, tests/reference.py).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,6 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-import torch
 
 from dml_jax.methods import Method
 from dml_jax.train import optim, step as step_lib, tree as tree_lib
@@ -85,6 +87,8 @@ def _run_ours(cfg, params0, grads, steps_per_epoch):
 
 def _run_torch(kind, params0, grads, steps_per_epoch, *, lr, wd, clip, warmup=0, warm_trainable=(),
                sched="step", momentum=0.9, frozen=()):
+  import torch
+
   tp = {p: torch.nn.Parameter(torch.tensor(v)) for p, v in params0.items()}
   proxies = [tp["loss/proxies"]]
   others = [tp[p] for p in SHAPES if p != "loss/proxies"]
@@ -118,37 +122,49 @@ def _run_torch(kind, params0, grads, steps_per_epoch, *, lr, wd, clip, warmup=0,
   return history
 
 
+def _torch_history(ref, name, **kwargs):
+  """torch's parameters after every step (reference `name`), as a list of {path: array}."""
+  def compute():
+    return {f"{t}/{p}": v for t, step in enumerate(_run_torch(**kwargs)) for p, v in step.items()}
+
+  flat = ref(name, compute)
+  return [{p: flat[f"{t}/{p}"] for p in SHAPES} for t in range(len(kwargs["grads"]))]
+
+
 # Tolerance: optax forms Adam's bias corrections 1 - b**t in float32 (b2 = 0.999 is 0.99900001 there),
 # torch in double: the first steps differ by ~1e-5 relative to the step size (here up to lr 1.0 for the
 # proxies). Any semantic difference (coupled vs decoupled decay, clamp order, step counts) is >= 1e-3.
 @pytest.mark.parametrize("kind", ["adam", "adamw", "sgd"])
-def test_optimizers_match_torch(kind):
+def test_optimizers_match_torch(ref, kind):
   params0, grads = _init_params(), _grads(6)
   cfg = _optim_config(optimizer=kind, weight_decay=0.05)
   ours, _ = _run_ours(cfg, params0, grads, steps_per_epoch=2)
-  ref = _run_torch(kind, params0, grads, 2, lr=1e-2, wd=0.05, clip=2.0)
-  for t, (a, b) in enumerate(zip(ours, ref)):
+  expected = _torch_history(ref, f"train_optim/{kind}", kind=kind, params0=params0, grads=grads, steps_per_epoch=2,
+                            lr=1e-2, wd=0.05, clip=2.0)
+  for t, (a, b) in enumerate(zip(ours, expected)):
     for p in SHAPES:
       np.testing.assert_allclose(a[p], b[p], rtol=2e-5, atol=3e-5, err_msg=f"{kind} step {t} {p}")
 
 
-def test_warmup_unfreeze_starts_fresh_adam_count_like_torch():
+def test_warmup_unfreeze_starts_fresh_adam_count_like_torch(ref):
   # Backbone frozen in epoch 0 (no update, no weight decay, no state); from epoch 1 its Adam state
   # starts at t = 1 while head and proxies continue at t = 3, as torch's per-parameter state does.
   params0, grads = _init_params(), _grads(6)
   cfg = _optim_config(optimizer="adamw", warmup_epochs=1, warmup_trainable="model/head/.*|loss/.*")
   ours, state = _run_ours(cfg, params0, grads, steps_per_epoch=2)
-  ref = _run_torch("adamw", params0, grads, 2, lr=1e-2, wd=1e-2, clip=2.0, warmup=1,
-                   warm_trainable=("model/head/kernel", "loss/proxies"))
-  for t, (a, b) in enumerate(zip(ours, ref)):
+  expected = _torch_history(ref, "train_optim/adamw_warmup", kind="adamw", params0=params0, grads=grads,
+                            steps_per_epoch=2, lr=1e-2, wd=1e-2, clip=2.0, warmup=1,
+                            warm_trainable=("model/head/kernel", "loss/proxies"))
+  for t, (a, b) in enumerate(zip(ours, expected)):
     for p in SHAPES:
       np.testing.assert_allclose(a[p], b[p], rtol=2e-5, atol=3e-5, err_msg=f"step {t} {p}")
   np.testing.assert_array_equal(ours[1]["model/backbone/w"], params0["model/backbone/w"])
-  counts = {label: int(next(x for x in s if isinstance(x, optax.ScaleByAdamState)).count) for label, s in state["opt_state"].items()}
+  counts = {label: int(next(x for x in s if isinstance(x, optax.ScaleByAdamState)).count)
+            for label, s in state["opt_state"].items()}
   assert counts == {"base": 6, "base_from_epoch1": 4, "proxies": 6}
 
 
-def test_frozen_parameter_untouched_and_stateless():
+def test_frozen_parameter_untouched_and_stateless(ref):
   params0, grads = _init_params(), _grads(4)
   cfg = _optim_config(optimizer="adamw", frozen="model/backbone/bn/.*")
   ours, state = _run_ours(cfg, params0, grads, steps_per_epoch=2)
@@ -156,13 +172,16 @@ def test_frozen_parameter_untouched_and_stateless():
   assert final.tobytes() == params0["model/backbone/bn/scale"].tobytes()
   state_paths = {p for s in state["opt_state"].values() for p in tree_lib.flatten(s)}
   assert not any("bn" in p for p in state_paths), state_paths
-  ref = _run_torch("adamw", params0, grads, 2, lr=1e-2, wd=1e-2, clip=2.0, frozen=("model/backbone/bn/scale",))
+  expected = _torch_history(ref, "train_optim/adamw_frozen", kind="adamw", params0=params0, grads=grads,
+                            steps_per_epoch=2, lr=1e-2, wd=1e-2, clip=2.0, frozen=("model/backbone/bn/scale",))
   for p in SHAPES:
-    np.testing.assert_allclose(ours[-1][p], ref[-1][p], rtol=2e-5, atol=3e-5, err_msg=p)
+    np.testing.assert_allclose(ours[-1][p], expected[-1][p], rtol=2e-5, atol=3e-5, err_msg=p)
 
 
-def test_schedules_match_torch():
+def test_schedules_match_torch(ref):
   def torch_lrs(make, epochs, base=0.1):
+    import torch
+
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
     sched = make(opt)
     out = []
@@ -172,19 +191,25 @@ def test_schedules_match_torch():
       sched.step()
     return out
 
-  lrs = torch.optim.lr_scheduler
-  cases = [
-      (EpochSchedule(name="step", step_size=3, gamma=0.5), lambda o: lrs.StepLR(o, step_size=3, gamma=0.5)),
-      (EpochSchedule(name="multistep", milestones=(2, 5, 7), gamma=0.1),
-       lambda o: lrs.MultiStepLR(o, milestones=[2, 5, 7], gamma=0.1)),
-      # T_max != number of epochs: torch's curve keeps oscillating past T_max.
-      (EpochSchedule(name="cosine", t_max=7, eta_min=1e-4), lambda o: lrs.CosineAnnealingLR(o, T_max=7, eta_min=1e-4)),
-      (EpochSchedule(name="constant"), lambda o: lrs.LambdaLR(o, lambda e: 1.0)),
-  ]
-  for ours, make in cases:
-    expected = torch_lrs(make, 20)
+  def compute():
+    from torch.optim import lr_scheduler as lrs
+
+    return {
+        "step": torch_lrs(lambda o: lrs.StepLR(o, step_size=3, gamma=0.5), 20),
+        "multistep": torch_lrs(lambda o: lrs.MultiStepLR(o, milestones=[2, 5, 7], gamma=0.1), 20),
+        # T_max != number of epochs: torch's curve keeps oscillating past T_max.
+        "cosine": torch_lrs(lambda o: lrs.CosineAnnealingLR(o, T_max=7, eta_min=1e-4), 20),
+        "constant": torch_lrs(lambda o: lrs.LambdaLR(o, lambda e: 1.0), 20),
+    }
+
+  expected = ref("train_optim/schedules", compute)
+  cases = [EpochSchedule(name="step", step_size=3, gamma=0.5),
+           EpochSchedule(name="multistep", milestones=(2, 5, 7), gamma=0.1),
+           EpochSchedule(name="cosine", t_max=7, eta_min=1e-4),
+           EpochSchedule(name="constant")]
+  for ours in cases:
     got = [ours.learning_rate(e, 0.1) for e in range(20)]
-    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-15, err_msg=ours.name)
+    np.testing.assert_allclose(got, expected[ours.name], rtol=1e-9, atol=1e-15, err_msg=ours.name)
   # DADA: schedulers start stepping after warm-up.
   offset = EpochSchedule(name="step", step_size=4, gamma=0.45, offset=1)
   assert [offset.learning_rate(e, 1.0) for e in (0, 1, 4, 5)] == [1.0, 1.0, 1.0, 0.45]

@@ -27,7 +27,8 @@ def _check_batch(batch: dict, number: int) -> int:
 
 
 def embed_dataset(embed_fn: Callable[[jax.Array], jax.Array], loader: Iterable[dict], *,
-                  mesh: Mesh | None = None, desc: str = "embed") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  mesh: Mesh | None = None, desc: str = "embed",
+                  progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Embeds every valid row the loader yields.
 
   Args:
@@ -37,6 +38,7 @@ def embed_dataset(embed_fn: Callable[[jax.Array], jax.Array], loader: Iterable[d
     mesh: a mesh with a 'data' axis (axis type Auto). Batches are split over it when B is divisible
       by its size; otherwise (and without a mesh) they go to the default device.
     desc: progress-bar label.
+    progress: show the progress bar (the trainer passes its `log.progress`).
 
   Returns:
     (embeddings float32 [N, D], labels int64 [N], indices int64 [N]) of the valid rows, loader order.
@@ -68,7 +70,7 @@ def embed_dataset(embed_fn: Callable[[jax.Array], jax.Array], loader: Iterable[d
     labels.append(batch_labels[valid])
     indices.append(batch_indices[valid])
 
-  with tqdm.tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True) as progress:
+  with tqdm.tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, disable=not progress) as bar:
     for number, batch in enumerate(loader):
       size = _check_batch(batch, number)
       images = batch["image"]
@@ -84,8 +86,8 @@ def embed_dataset(embed_fn: Callable[[jax.Array], jax.Array], loader: Iterable[d
         collect(pending)
       pending = entry
       num_images += int(entry[1].sum())
-      progress.update(1)
-      progress.set_postfix(images_per_s=f"{num_images / max(time.perf_counter() - start, 1e-9):.1f}")
+      bar.update(1)
+      bar.set_postfix(images_per_s=f"{num_images / max(time.perf_counter() - start, 1e-9):.1f}")
     if pending is not None:
       collect(pending)
 

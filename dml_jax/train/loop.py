@@ -168,7 +168,8 @@ class Trainer:
 
   def _embed_loader(self, state: dict, loader, desc: str):
     fn = functools.partial(self.steps.embed, state["params"], state["method_state"])
-    return embed_lib.embed_dataset(fn, loader, mesh=self.mesh, desc=desc)
+    return embed_lib.embed_dataset(fn, loader, mesh=self.mesh, desc=desc,
+                                   progress=self.config.log.progress and self.is_main)
 
   def evaluate(self, state: dict, split: str) -> dict[str, float]:
     records = self.eval_splits[split]
