@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-import pytest
 from flax import nnx
 
 from dml_jax import backbones, methods
