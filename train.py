@@ -41,7 +41,7 @@ def main(argv):
   # The imports (jax, flax, grain), the dataset and the first compiled step take tens of seconds on a CPU
   # before the trainer prints anything: say so at once.
   print(f"{'evaluating' if _EVAL_ONLY.value else 'training'} in {_WORKDIR.value}: importing jax and dml_jax, then "
-        f"loading the dataset and compiling the model...", flush=True)
+        "loading the dataset and compiling the model...", flush=True)
   from dml_jax.train import loop  # after flag parsing: grain workers read the parsed flags
 
   config = _CONFIG.value
