@@ -22,9 +22,10 @@ the backward pass badly: jax's own LayerNorm gradient ends the residual-stream g
 with an add of a broadcast per-token statistic, which XLA counts as "effectively unary" and so free to
 duplicate into each consumer. Every block's gradient then re-adds the contributions of all later blocks
 instead of reading the computed value: fusions whose operand count and cost grow with depth (ViT-S/16 at
-batch 16: up to ~180 operands, together more than a third of a CPU training step). On [B, N, D] arrays the weight
-gradients of `qkv`, `proj`, `fc1` and `fc2` also need the gradient as a transposed [D, B*N] copy, the
-costliest of those fusions; a 2-D dot contracts the token axis of both operands without a copy.
+batch 16: up to ~180 operands, together more than a third of a CPU training step). On [B, N, D] arrays
+XLA's CPU backend also feeds the weight gradients of `qkv`, `proj`, `fc1` and `fc2` a transposed [D, B*N]
+copy of the gradient, the costliest of those fusions; a 2-D dot contracts the token axis of both operands
+without a copy.
 
 A method that needs its own block loop (e.g. DFML's factorized blocks) keeps the same layout: flatten
 `embed`'s tokens to [B*N, D] once and pass the sequence length N along. The pieces all work on flat tokens:
