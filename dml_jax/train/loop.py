@@ -39,6 +39,7 @@ from dml_jax.eval import saved as saved_lib
 from dml_jax.methods.base import HostBatch
 from dml_jax.train import checkpoint as ckpt_lib
 from dml_jax.train import config as config_lib
+from dml_jax.train import distributed
 from dml_jax.train import logs
 from dml_jax.train import optim
 from dml_jax.train import step as step_lib
@@ -383,7 +384,13 @@ class Trainer:
     c = self.config.eval
     protocol, options = (self.val_protocol, {**dict(c.options), **self.val_options}) if split == "val" else (
         self.protocol, dict(c.options))
-    return protocols.evaluate(protocol, emb, labels, records.roles[indices], metrics=list(c.metrics), **options)
+    # Computed once, on process 0, and shared: every process must select the same best checkpoint
+    # (distributed.broadcast_json). Every process holds all embeddings (embed_dataset gathers them).
+    values = None
+    if self.is_main:
+      values = protocols.evaluate(protocol, emb, labels, records.roles[indices], metrics=list(c.metrics), **options)
+      values = {k: float(v) for k, v in values.items()}
+    return distributed.broadcast_json(values)
 
   def evaluate_checkpoint(self, which: str = ckpt_lib.BEST) -> dict[str, dict[str, float]]:
     if self.checkpoints.latest_step() is None:
@@ -492,7 +499,7 @@ class Trainer:
         self._log_evaluation(row, epoch, step)
       if is_best:
         self._save_best_embeddings(epoch, step)
-      if self._stop.requested:
+      if self._stop_requested():
         raise self._stop.stopped(f"after epoch {epoch} (step {step}); checkpoint saved in "
                                  f"{self.checkpoints.step_path(step)}")
 
@@ -557,7 +564,7 @@ class Trainer:
       seen += c.data.batch_size
       log.add(step, metrics, c.data.batch_size)
       every = c.checkpoint.every_steps
-      preempted = self._stop.requested and iterator.step < len(self.train_loader)
+      preempted = self._stop_requested(step) and iterator.step < len(self.train_loader)
       if (every and (step + 1) % every == 0 and iterator.step < len(self.train_loader)) or preempted:
         log.flush()  # never save a state that follows a non-finite loss
         mid = _Progress(epoch=epoch, best=progress.best, data_state=iterator.get_state())
@@ -573,6 +580,19 @@ class Trainer:
     _echo(f"epoch {epoch}: {seen} images in {seconds:.1f} s ({seen / max(seconds, 1e-9):.1f} images/s), "
           f"learning rates: " + ", ".join(f"{k} {float(v):.3g}" for k, v in lrs.items()))
     return state, seen, seconds
+
+  def _stop_requested(self, step: int | None = None) -> bool:
+    """Whether a SIGTERM / SIGINT asks to save and stop, after update `step` (None: at an epoch end).
+
+    With several processes every one must stop after the same step (a save is a collective), while the
+    signal may reach the hosts a step apart: the processes share their flags every log.every_steps steps
+    and at epoch ends (one small all-gather each time), and stop when any was signalled.
+    """
+    if jax.process_count() == 1:
+      return self._stop.requested
+    if step is not None and (step + 1) % self.config.log.every_steps:
+      return False
+    return distributed.any_process(self._stop.requested)
 
   def _host_batch(self, iterator: data_lib.TrainEpochIterator) -> HostBatch:
     rows = iterator.global_indices(iterator.step - 1)
