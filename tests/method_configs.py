@@ -67,4 +67,21 @@ def vptsp() -> ml_collections.ConfigDict:
   return c
 
 
-TINY_CONFIGS = {"metric_loss": metric_loss, "vptsp": vptsp}
+def proxy_isa() -> ml_collections.ConfigDict:
+  """Proxy-ISA on a tiny ResNet (GAP + GMP head, BN frozen, BN scale/bias frozen as with --warm 0), a 32-row memory
+  from epoch 0 and the outlier filter from epoch 1, Adam with coupled L2."""
+  c = _base("proxy_isa")
+  c.method.head = "gap_gmp_linear"
+  c.method.bn_freeze = True
+  c.method.memory_size = 32
+  c.method.start_epoch = 0
+  c.model.backbone = "resnet50"
+  c.model.backbone_overrides = ml_collections.ConfigDict(TINY_RESNET)
+  c.optim.optimizer = "adam"
+  c.optim.clip_value = 10.0
+  c.optim.groups = (("@batchnorm", dict(name="batchnorm", frozen=True)),
+                    ("loss/.*", dict(name="proxies", lr_mult=100.0)))
+  return c
+
+
+TINY_CONFIGS = {"metric_loss": metric_loss, "proxy_isa": proxy_isa, "vptsp": vptsp}
