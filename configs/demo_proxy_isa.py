@@ -6,15 +6,17 @@ Data: the embedded `digits` dataset (scikit-learn's 1,797 8x8 digits as 32x32 PN
 ~/.cache/dml_jax; no download). Digits 0-4 train, 5-9 test (unseen classes, as in CUB/Cars). Model: the
 tiny ViT of configs/demo.py (4x4 patches, 2 blocks of width 64, random init) -> Linear -> 64-d L2-normalised
 embedding. Loss: Proxy-ISA with the code's constants (alpha 32, delta 0.1, V 100, k 0.9, lambda 0.1,
-h 0.15, tau 1.5), shrunk in time and memory so that both switches happen: memory of T = 512 embeddings from
-epoch 2 (it wraps within that epoch, 14 batches of 64), the outlier filter from epoch 3. Each training digit
-is seen about 180 times per epoch, so E reaches ~85 by epoch 2 and the class weights w fall below 1 from
-epoch 3. AdamW (as the demo; the CUB/Cars recipes use Adam), proxies at 100x lr, cosine schedule.
-Evaluation: Recall@K and MAP@R on the test digits, leave-one-out, before training and every 4 epochs; the
-best MAP@R is kept, as the authors' code selects.
+h 0.15, tau 1.5), shrunk in time and memory so that both switches happen: a memory of T = 512 embeddings
+from epoch 2 (it wraps within that epoch: 28 batches of 32), the outlier filter and positive re-weighting
+from epoch 3. Each training digit is seen about 180 times per epoch, so E passes 95 by epoch 2 and the class
+weights w fall to about 0.2 from epoch 3 (on these digits no sample falls below its class's outlier threshold).
+AdamW (as configs/demo.py; the CUB/Cars recipes use Adam), proxies at 100x lr, cosine schedule, batches of
+32 (with 64, 14 steps per epoch, Recall@1 barely moves in 16 epochs). Evaluation: Recall@K and MAP@R on the
+test digits, leave-one-out, before training and every 4 epochs; the best MAP@R is kept, as the authors'
+code selects.
 
-Measured (2 CPU cores shared with other jobs, load average ~7): Recall@1 0.000 -> 0.000, MAP@R 0.000 -> 0.000
-in 0 s (see docs/methods/proxy_isa.md).
+Measured (2 CPU cores shared with other jobs, load average ~12): Recall@1 51.2 -> 73.1, MAP@R 12.4 -> 29.3
+after 16 epochs (best MAP@R 31.4 at epoch 11, Recall@1 72.4 then); 4 min 15 s wall time under that load.
 """
 
 from dml_jax.methods import method_config
@@ -41,7 +43,7 @@ def get_config():
   c.dataset.name = "digits"
   c.dataset.image_size = 32
   c.dataset.resize_size = 32
-  c.data.batch_size = 64
+  c.data.batch_size = 32  # 28 steps per epoch
   c.data.eval_batch_size = 128
   c.data.sampler = "random"  # shuffled, drop_last, as the code
   c.data.num_threads = 4

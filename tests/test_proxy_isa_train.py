@@ -106,15 +106,17 @@ def _on_digits(c: ml_collections.ConfigDict, *, backbone_overrides: dict | None 
   return c
 
 
-@pytest.mark.parametrize("name", ["proxy_isa_cars_bninception", "proxy_isa_cub_resnet50"])
+@pytest.mark.parametrize("name", [pytest.param("proxy_isa_cars_bninception", marks=pytest.mark.slow),
+                                  "proxy_isa_cub_resnet50"])
 def test_released_configs_start(name, tmp_path):
   """Each backbone's recipe builds and trains: its parameter groups over the real parameter names, the
-  warm-up / frozen BatchNorm, a step with the memory and the filter on (start_epoch moved to 0)."""
+  warm-up / frozen BatchNorm, steps with the memory (start_epoch moved to 0) and, for the ResNet, the filter.
+  BN-Inception runs at full size (random init, 32 px): one step, about a minute of CPU."""
   c = load_config(name)
   bninception = "bninception" in name
   c = _on_digits(c, backbone_overrides=None if bninception else TINY_RESNET)
   c.method.start_epoch = 0
-  c.num_epochs = 2
+  c.num_epochs = 1 if bninception else 2
   method = methods.build(c, num_classes=5)
   params, _ = method.init(jax.random.key(0))
   plan = optim.ParamPlan(c.optim, list(tree_lib.flatten(params)), selectors=method.param_selectors(params))
@@ -129,10 +131,11 @@ def test_released_configs_start(name, tmp_path):
   assert method.step_variant(0) == (True, False) and method.step_variant(1) == (True, True)
   summary = loop.fit(c, tmp_path)
   assert summary["history"] == []
-  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  train = [r for r in records if r["kind"] == "train"]
-  assert len(train) == 2 and all(np.isfinite(r["loss"]) for r in train)
-  assert train[0]["isa/memory_rows"] == 8 and train[1]["isa/memory_rows"] == 16 - train[1]["isa/outliers"]
+  train = _train_records(tmp_path)
+  assert len(train) == c.num_epochs and all(np.isfinite(r["loss"]) for r in train)
+  assert train[0]["isa/memory_rows"] == 8
+  if not bninception:
+    assert train[1]["isa/memory_rows"] == 16 - train[1]["isa/outliers"]
 
 
 def _tiny_run_config(num_epochs: int) -> ml_collections.ConfigDict:
@@ -182,16 +185,19 @@ def test_resume_with_a_half_full_memory_is_exact(tmp_path):
 
 def test_demo_improves_retrieval_with_both_switches(tmp_path):
   c = load_config("demo_proxy_isa")
-  c.num_epochs = 6  # the first 6 of the demo's 16 epochs (same schedule): memory from 2, filter from 3
-  c.eval.every_epochs = 6
+  c.num_epochs = 4  # the first 4 of the demo's 16 epochs (same schedule): memory from 2, filter from 3
+  c.eval.every_epochs = 4
   c.log.progress = False
   c.log.tensorboard = False
   summary = loop.fit(c, tmp_path)
   before = next(h for h in summary["history"] if h["epoch"] == "before")
   after = summary["history"][-1]
-  assert after["epoch"] == 5
-  assert after["recall@1"] >= before["recall@1"] + 0.05, (before, after)
-  assert after["map@r"] >= before["map@r"] + 0.03, (before, after)
+  assert after["epoch"] == 3
+  assert after["recall@1"] >= before["recall@1"] + 0.05, (before, after)  # measured 51.2 -> 60.9
+  assert after["map@r"] >= before["map@r"] + 0.05, (before, after)  # 12.4 -> 22.8
   train = _train_records(tmp_path)
   assert all(r["isa/memory_rows"] == 0 for r in train if r["epoch"] < 2)
   assert all(r["isa/memory_rows"] > 0 for r in train if r["epoch"] >= 2)
+  # The filter's positive weights: w < 1 for every class once E nears V (W+ = sum of w over 5 classes).
+  assert all(r["isa/pos_weight_sum"] == 5.0 for r in train if r["epoch"] < 3)
+  assert min(r["isa/pos_weight_sum"] for r in train if r["epoch"] == 3) < 1.5

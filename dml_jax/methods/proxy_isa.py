@@ -135,14 +135,15 @@ def memory_similarity(memory: dict, readable: jax.Array, normalized_proxies: jax
   """Per class c: mean over readable rows of class c of cos(p_c, f), and their number.
 
   normalized_proxies: float32 [C, E]. Returns (float32 [C], 0 where a class has no row; int32 [C]).
+  The code averages the rows' dot products; here the rows are summed per class first and the sum meets the
+  proxy once (equal up to float32 rounding, and a [T, E] segment sum instead of gathering a proxy per row).
   """
   num_classes = normalized_proxies.shape[0]
-  labels = memory["labels"]
-  dots = jnp.einsum("te,te->t", memory["features"], normalized_proxies[labels],
-                    precision=jax.lax.Precision.HIGHEST)  # [T], each row against its own class's proxy
-  sums = jax.ops.segment_sum(jnp.where(readable, dots, 0.0), labels, num_segments=num_classes)
-  counts = jax.ops.segment_sum(readable.astype(jnp.int32), labels, num_segments=num_classes)
-  return sums / jnp.maximum(counts, 1).astype(jnp.float32), counts
+  segments = jnp.where(readable, memory["labels"], num_classes)  # unreadable rows: out of range, dropped
+  sums = jax.ops.segment_sum(memory["features"], segments, num_segments=num_classes)  # [C, E]
+  counts = jax.ops.segment_sum(jnp.ones_like(segments), segments, num_segments=num_classes)
+  dots = jnp.sum(sums * normalized_proxies, axis=-1)
+  return dots / jnp.maximum(counts, 1).astype(jnp.float32), counts
 
 
 # -- one step of the loss and its state ----------------------------------------------------------------
