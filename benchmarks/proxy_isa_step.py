@@ -220,11 +220,14 @@ def main() -> None:
            f"Versions: {', '.join(versions)}.", "",
            f"Load average (1, 5, 15 min) before: {load_before[0]:.2f}, {load_before[1]:.2f}, {load_before[2]:.2f}; "
            f"after: {load_after[0]:.2f}, {load_after[1]:.2f}, {load_after[2]:.2f}.", "",
-           f"Command: `{command}`", "",
-           f"B = {args.batch}, E = {args.dim}, T = {args.memory} (a full queue), V 100, k 0.9, lambda 0.1, h 0.15. "
-           f"Seconds per step (loss, gradients to embeddings and proxies, state update), {args.steps} timed steps "
-           f"after {args.warmup} untimed (compilation there), min / median / max:", "",
-           "| C | implementation | variant | min (ms) | median (ms) | max (ms) |", "|---:|---|---|---:|---:|---:|"]
+           f"Command: `{command}`", ""]
+  if max(load_before[0], load_after[0]) > (os.cpu_count() or 1):
+    lines += ["**Measured under load** (the 1-minute load average exceeded the core count): the times are "
+              "inflated and noisy; compare rows of this table, not runs.", ""]
+  lines += [f"B = {args.batch}, E = {args.dim}, T = {args.memory} (a full queue), V 100, k 0.9, lambda 0.1, h 0.15. "
+            f"Time per step (loss, gradients to embeddings and proxies, state update), {args.steps} timed steps "
+            f"after {args.warmup} untimed (compilation there), min / median / max:", "",
+            "| C | implementation | variant | min (ms) | median (ms) | max (ms) |", "|---:|---|---|---:|---:|---:|"]
   for classes, impl, result in rows:
     for variant in ("pa", "isa_off", "isa_on"):
       if variant in result:

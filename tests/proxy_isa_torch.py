@@ -181,3 +181,42 @@ def reference_steps(inputs: dict[str, np.ndarray], *, memory_size: int, switches
     for key, value in record.items():
       out.setdefault(key, []).append(np.asarray(value))
   return {k: np.stack(v) for k, v in out.items()}
+
+
+def reference_class_weights(counts: np.ndarray, learned: np.ndarray, *, volume: float, eta_scale: float,
+                            eta_margin: float, tau: float = 1.5, sample: np.ndarray | None = None
+                            ) -> dict[str, np.ndarray]:
+  """The code's per-class quantities for counts n [N] and learned similarities S [N] (float32 values).
+
+  Returns threshold32 / w32 [N] (its float64 values cast to float32, as its comparisons and weights do) and,
+  for the classes in `sample` (default: all), informative32 (ones + w[c]) and negative32
+  (ones / max(1.0, E[c])) computed per class with 0-d float64 operands, as the code's loops do.
+  """
+  ref = TorchProxyISA(len(counts), 4, 8, volume=volume, eta_scale=eta_scale, eta_margin=eta_margin, tau=tau)
+  ref.set_counts(counts)
+  ref.learned = torch.tensor(np.asarray(learned, np.float32), dtype=torch.float64)
+  q = ref.class_quantities()
+  sample = np.arange(len(counts)) if sample is None else np.asarray(sample)
+  ones = torch.ones(1)
+  return {"threshold32": q["threshold"].float().numpy(), "w32": q["w"].float().numpy(),
+          "informative32": np.float32([(ones + q["w"][c]).item() for c in sample]),
+          "negative32": np.float32([(ones / max(1.0, ref.effective[c])).item() for c in sample])}
+
+
+def reference_queue(pushes: list[tuple[np.ndarray, np.ndarray]], *, capacity: int, dim: int,
+                    ring_buffer: bool = False) -> dict[str, np.ndarray]:
+  """The code's queue after each push of (features [q, dim] float32, labels [q]); an empty push is skipped.
+
+  Returns features [P, capacity, dim], labels [P, capacity], pointer [P] and read_rows [P] (rows a read
+  returns) after each push.
+  """
+  memory = TorchMemory(capacity, dim, ring_buffer)
+  out: dict[str, list] = {"features": [], "labels": [], "pointer": [], "read_rows": []}
+  for features, labels in pushes:
+    if len(labels):
+      memory.push(torch.tensor(np.asarray(features, np.float32)), torch.tensor(np.asarray(labels), dtype=torch.long))
+    out["features"].append(memory.features.numpy().copy())
+    out["labels"].append(memory.labels.numpy().copy())
+    out["pointer"].append(memory.pointer)
+    out["read_rows"].append(len(memory.read()[1]))
+  return {k: np.asarray(v) for k, v in out.items()}

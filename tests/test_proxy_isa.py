@@ -21,7 +21,7 @@ from dml_jax.methods import proxy_isa
 
 torch = pytest.importorskip("torch")
 
-from proxy_isa_torch import TorchMemory, TorchProxyISA, reference_steps  # noqa: E402
+from proxy_isa_torch import reference_class_weights, reference_queue, reference_steps  # noqa: E402
 
 GOLDEN = pathlib.Path(__file__).parent / "data" / "proxy_isa_authors_8a3597b.npz"
 
@@ -212,22 +212,16 @@ def test_thresholds_and_weights_are_the_code_float64_values_rounded():
   counts = np.concatenate([np.arange(0, 4000), rng.integers(0, 20_000, num - 4000)]).astype(np.int32)
   learned = np.concatenate([[1.0] * 100, rng.uniform(-0.2, 0.2, num - 1100),
                             rng.uniform(-1, 1, 1000)]).astype(np.float32)
+  sample = np.linspace(0, num - 1, 1500).astype(int)  # the per-class torch loop is slow
   for volume, k in ((100.0, 0.9), (100.0, 0.1), (7.0, 0.4)):
     tables = isa_loss.count_tables(volume, 1.5)
     weights_of = functools.partial(isa_loss.class_weights, tables=tables, eta_scale=k, eta_margin=0.1)
     ours = jax.jit(weights_of)(jnp.asarray(counts), jnp.asarray(learned))
-    ref = TorchProxyISA(num, 4, 8, volume=volume, eta_scale=k, eta_margin=0.1)
-    ref.set_counts(counts)
-    ref.learned = torch.tensor(learned, dtype=torch.float64)
-    q = ref.class_quantities()
-    np.testing.assert_array_equal(np.asarray(ours.threshold), q["threshold"].float().numpy())
-    np.testing.assert_array_equal(np.asarray(ours.weight), q["w"].float().numpy())
-    # 1 + w and 1 / max(1, E) per class with 0-d float64 operands, as the code's loops do (float32 results).
-    sample = np.linspace(0, num - 1, 1500).astype(int)
-    informative = [(torch.ones(1) + q["w"][c]).item() for c in sample]
-    negative = [(torch.ones(1) / max(1.0, ref.effective[c])).item() for c in sample]
-    np.testing.assert_array_equal(np.asarray(ours.informative_weight)[sample], np.float32(informative))
-    np.testing.assert_array_equal(np.asarray(ours.negative_weight)[sample], np.float32(negative))
+    ref = reference_class_weights(counts, learned, volume=volume, eta_scale=k, eta_margin=0.1, sample=sample)
+    np.testing.assert_array_equal(np.asarray(ours.threshold), ref["threshold32"])
+    np.testing.assert_array_equal(np.asarray(ours.weight), ref["w32"])
+    np.testing.assert_array_equal(np.asarray(ours.informative_weight)[sample], ref["informative32"])
+    np.testing.assert_array_equal(np.asarray(ours.negative_weight)[sample], ref["negative32"])
     np.testing.assert_array_equal(np.asarray(ours.similarity), learned)
   assert 3000 < isa_loss.count_tables(100.0, 1.5).saturation < 4000
 
@@ -244,21 +238,20 @@ def _push(memory, rows, labels, keep=None, ring_buffer=False):
 @pytest.mark.parametrize("ring_buffer", [False, True])
 def test_queue_matches_the_code_on_random_pushes(ring_buffer):
   rng = np.random.default_rng(3)
-  ours, ref = proxy_isa.init_memory(10, 2), TorchMemory(10, 2, ring_buffer)
+  batches = []
   for _ in range(40):
     b = int(rng.integers(1, 7))
-    feats = rng.normal(size=(b, 2)).astype(np.float32)
-    labels = rng.integers(0, 4, b)
-    keep = rng.random(b) < 0.7
+    batches.append((rng.normal(size=(b, 2)).astype(np.float32), rng.integers(0, 4, b), rng.random(b) < 0.7))
+  ref = reference_queue([(f[keep], y[keep]) for f, y, keep in batches], capacity=10, dim=2, ring_buffer=ring_buffer)
+  ours = proxy_isa.init_memory(10, 2)
+  for t, (feats, labels, keep) in enumerate(batches):
     ours = _push(ours, feats, labels, keep, ring_buffer)
-    if keep.any():
-      ref.push(torch.tensor(feats[keep]), torch.tensor(labels[keep]))
-    np.testing.assert_array_equal(np.asarray(ours["features"]), ref.features.numpy())
-    np.testing.assert_array_equal(np.asarray(ours["labels"]), ref.labels.numpy())
-    assert int(ours["pointer"]) == ref.pointer
+    np.testing.assert_array_equal(np.asarray(ours["features"]), ref["features"][t])
+    np.testing.assert_array_equal(np.asarray(ours["labels"]), ref["labels"][t])
+    assert int(ours["pointer"]) == ref["pointer"][t]
     readable = np.asarray(proxy_isa.readable_rows(ours, ring_buffer=ring_buffer))
-    read_features, _ = ref.read()
-    assert readable.sum() == len(read_features) and np.all(readable[:len(read_features)])
+    assert readable.sum() == ref["read_rows"][t] and np.all(readable[:ref["read_rows"][t]])
+  assert ref["pointer"].min() == 0 and len(set(ref["read_rows"].tolist())) > 3
 
 
 def test_queue_overflow_writes_the_last_rows_and_class_zero_reads_as_not_full():

@@ -43,12 +43,19 @@ negative weights act from the first step; outliers stay in the loss with weight 
 cannot run ResNet-50 (it reads `model.embedding`), which is trained here as its network file defines it.
 
 Precision: see dml_jax/losses/proxy_isa.py (float64 where the code keeps E, a local x64 scope for the
-thresholds, float32 elsewhere, as the code). S is the float32 mean of float32 dot products times
-float32(h), as the code; the summation order over memory rows differs (a per-class segment sum), so S agrees
-with the code to float32 rounding, not bit for bit.
+thresholds, float32 elsewhere, as the code). S is a float32 mean times float32(h), as the code's
+`.mean() * h`, but the memory rows of a class are summed before meeting the proxy (the code averages per-row
+dot products), so S agrees with the code to float32 rounding, not bit for bit. Why the state is on the device
+and not in a host-side float64 `HostState`: n is an integer and S a float32 value, so int32 / float32 hold them
+exactly, and the float64 arithmetic the code does on them is either a function of n alone (tabulated once in
+double precision) or the threshold O (a few float64 operations in a local x64 scope inside the step). A host
+state would have to wait for every step's new S before it could prepare the next step's weights: a
+device-to-host round trip per step that would also keep the next batch's transfer from overlapping the step.
 
-Cost per step beyond Proxy-Anchor: the [B, C] weights, a [T] dot product of each memory row with its class's
-proxy, a segment sum of [T] into [C] and a [B, E] scatter into the memory; nothing loops over classes.
+Cost per step beyond Proxy-Anchor: the [B, C] weights, a [T, E] segment sum of the readable memory rows into
+[C, E], a dot product per class and a [B, E] scatter into the memory (in place when the state is donated);
+nothing loops over classes. On GPUs the segment sum is a scatter-add whose order of summation may vary between
+runs (`--xla_gpu_deterministic_ops` fixes it).
 """
 
 from __future__ import annotations
