@@ -163,7 +163,7 @@ def _train_records(workdir: pathlib.Path) -> list[dict]:
 
 
 def _restore(workdir: pathlib.Path, step: int) -> dict:
-  return ocp.StandardCheckpointer().restore(workdir.absolute() / "checkpoints" / "last" / str(step) / "state")
+  return ocp.StandardCheckpointer().restore(workdir.absolute() / "checkpoints" / "steps" / str(step) / "state")
 
 
 def test_resume_with_a_half_full_memory_is_exact(tmp_path):

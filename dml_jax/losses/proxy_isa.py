@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dml_jax.errors import InvalidValueError
 from dml_jax.losses._checks import check_proxies
 from dml_jax.losses.ops import l2_normalize, masked_logsumexp
 from dml_jax.losses.pairwise import cosine_similarity, one_hot_labels
@@ -78,7 +79,8 @@ def count_tables(volume: float = 100.0, tau: float = 1.5) -> CountTables:
   """The n-dependent class quantities of the code, in float64 (numpy, as torch's float64 tensors), up to the
   count beyond which E is constant (1 - beta^n rounds to 1; about 3,600 for V = 100)."""
   if not volume > 1.0:
-    raise ValueError(f"proxy_isa: the volume V must be > 1 (beta = (V - 1) / V), got {volume}")
+    raise InvalidValueError(f"proxy_isa: the volume V must be > 1 (beta = (V - 1) / V), got {volume}",
+                            "e.g. --config.method.volume=100")
   beta = (volume - 1.0) / volume
   values = [0.0]
   while 1.0 - beta ** float(len(values) - 1) != 1.0:

@@ -68,6 +68,7 @@ import ml_collections
 import numpy as np
 
 from dml_jax import losses
+from dml_jax.errors import InvalidValueError, unknown_name
 from dml_jax.losses import proxy_isa as isa_loss
 from dml_jax.losses.ops import l2_normalize
 from dml_jax.methods import metric_loss, modeling
@@ -76,7 +77,11 @@ from dml_jax.methods.base import Method, StepInfo
 
 def config() -> ml_collections.ConfigDict:
   """config.method.* of 'proxy_isa' (the code's defaults; the CLI flag each value comes from in brackets)."""
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(config_defaults())
+
+
+def config_defaults() -> dict[str, Any]:
+  return dict(
       name="proxy_isa",
       head="linear",  # metric_loss.HEADS: 'linear' = GAP -> Linear on BN-Inception, 'gap_gmp_linear' for ResNet
       bn_freeze=True,  # BN statistics frozen in training [--bn_freeze: type=bool, so 'False' parses as True]
@@ -90,7 +95,7 @@ def config() -> ml_collections.ConfigDict:
       memory_size=55000,  # T [--T]
       start_epoch=2,  # memory from this epoch, outlier filter from the next [--start_epoch]
       ring_buffer=False,  # True: a true ring buffer (the code writes overflow into the last rows)
-  ))
+  )
 
 
 # -- the memory queue ------------------------------------------------------------------------------------
@@ -110,7 +115,8 @@ def enqueue(memory: dict, features: jax.Array, labels: jax.Array, keep: jax.Arra
   """
   capacity = memory["labels"].shape[0]
   if features.shape[0] > capacity:
-    raise ValueError(f"proxy_isa: a batch of {features.shape[0]} does not fit a memory of {capacity} rows")
+    raise InvalidValueError(f"proxy_isa: a batch of {features.shape[0]} does not fit a memory of {capacity} rows",
+                            "raise config.method.memory_size")
   pointer = memory["pointer"]
   count = jnp.sum(keep, dtype=jnp.int32)
   rank = jnp.cumsum(keep, dtype=jnp.int32) - 1  # position among the kept rows
@@ -222,14 +228,20 @@ class ProxyISAMethod(Method):
   def __init__(self, config: Any, *, num_classes: int):
     o = config.method
     if o.head not in metric_loss.HEADS:
-      raise ValueError(f"config.method.head must be one of {metric_loss.HEADS}, got {o.head!r}")
+      raise unknown_name("head (config.method.head)", o.head, metric_loss.HEADS, cls=InvalidValueError)
     if num_classes < 2:
-      raise ValueError(f"proxy_isa needs at least 2 training classes (negatives), got {num_classes}")
+      raise InvalidValueError(f"proxy_isa needs at least 2 training classes (for negatives), got {num_classes}")
     if int(o.memory_size) < int(config.data.batch_size):
-      raise ValueError(f"config.method.memory_size={o.memory_size} must hold a batch of "
-                       f"{config.data.batch_size} (the code's overflow write fails otherwise)")
+      raise InvalidValueError(f"config.method.memory_size={o.memory_size} cannot hold a batch of "
+                              f"{config.data.batch_size} (the code's overflow write fails then)",
+                              f"e.g. --config.method.memory_size={max(int(config.data.batch_size), 55000)}")
     if int(o.start_epoch) < 0:
-      raise ValueError(f"config.method.start_epoch must be >= 0, got {o.start_epoch}")
+      raise InvalidValueError(f"config.method.start_epoch must be >= 0, got {o.start_epoch}",
+                              "e.g. --config.method.start_epoch=2")
+    for key in ("alpha", "volume", "hardness_scale"):
+      if not float(o[key]) > (1.0 if key == "volume" else 0.0):
+        raise InvalidValueError(f"config.method.{key} must be > {1 if key == 'volume' else 0}, got {o[key]!r}",
+                                f"e.g. --config.method.{key}={config_defaults()[key]}")
     self.config = config
     self.num_classes = int(num_classes)
     self.head = o.head
