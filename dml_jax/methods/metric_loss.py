@@ -126,9 +126,9 @@ def build_embedding_model(config: Any, *, head: str, bn_freeze: bool, backbone_r
   backbone's BatchNorm runs on its running statistics in training and never updates them.
   """
   if head not in HEADS:
-    raise ValueError(f"config.method.head must be one of {HEADS}, got {head!r}")
+    raise unknown_name("head (config.method.head)", head, HEADS, cls=InvalidValueError)
   m = config.model
-  backbone = modeling.build_backbone(m, backbone_rng)
+  backbone = modeling.build_backbone(m, backbone_rng, config.dataset.image_size)
   in_features = pooled_feature_dim(backbone, head, int(config.dataset.image_size), m.backbone)
   embedding_dim = in_features if head == "none" else int(m.embedding_dim)
   linear = None
