@@ -193,7 +193,7 @@ def test_demo_improves_retrieval_with_both_switches(tmp_path):
   before = next(h for h in summary["history"] if h["epoch"] == "before")
   after = summary["history"][-1]
   assert after["epoch"] == 3
-  assert after["recall@1"] >= before["recall@1"] + 0.05, (before, after)  # measured 51.2 -> 60.9
+  assert after["recall@1"] >= before["recall@1"] + 0.05, (before, after)  # measured 51.2 -> 60.7
   assert after["map@r"] >= before["map@r"] + 0.05, (before, after)  # 12.4 -> 22.8
   train = _train_records(tmp_path)
   assert all(r["isa/memory_rows"] == 0 for r in train if r["epoch"] < 2)
