@@ -13,7 +13,8 @@ Keys:
   dataset.*                 name, data_root ('' = the dataset's default; digits: ~/.cache/dml_jax), source,
                             image_size, resize_size (eval: Resize -> CenterCrop image_size),
                             val_fraction (> 0: hold out that fraction of the TRAINING classes as a
-                            validation split for model selection), skip_corrupt
+                            validation split for model selection), skip_corrupt, vehicleid_test_size
+                            ('small' | 'medium' | 'large': the VehicleID test list evaluated)
   data.*                    batch_size (global), sampler ('random' | 'm_per_class' | 'm_per_class_replace';
                             a method may supply its own per epoch), samples_per_class, steps_per_epoch
                             (0 = len(train) // batch), eval_batch_size, num_threads, num_workers,
@@ -48,7 +49,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.method = ml_collections.ConfigDict(dict(name="metric_loss"))
   c.dataset = ml_collections.ConfigDict(dict(
       name="cub200", data_root="", source="auto", image_size=224, resize_size=256, val_fraction=0.0,
-      skip_corrupt=False))
+      skip_corrupt=False, vehicleid_test_size="small"))
   c.data = ml_collections.ConfigDict(dict(
       batch_size=120, sampler="random", samples_per_class=2, steps_per_epoch=0, eval_batch_size=128,
       num_threads=8, num_workers=0, augment="base", scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip=True,

@@ -135,7 +135,7 @@ class Trainer:
   def _load_data(self) -> None:
     c, ds = self.config, self.config.dataset
     splits = data_lib.load_dataset(ds.name, ds.data_root or None, source=ds.source, skip_corrupt=ds.skip_corrupt,
-                                   num_threads=c.data.num_threads)
+                                   vehicleid_test_size=ds.vehicleid_test_size, num_threads=c.data.num_threads)
     self.dataset_name = splits.name
     self.protocol = c.eval.protocol or ds.name
     test_protocol = protocols.get_protocol(self.protocol)  # fail now, not after an epoch
