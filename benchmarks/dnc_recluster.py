@@ -2,7 +2,7 @@
 of the authors' procedure (faiss `Clustering` + their torch cost matrix for the Hungarian relabelling).
 
 Features: 59,551 x 2048 (the SOP training set's penultimate ResNet-50 features), synthetic and L2-normalised:
-11,318 classes of 2..12 images (SOP's class sizes), class centres x 0.45 plus unit Gaussian noise.
+11,318 classes of 2..12 images (SOP's class sizes) around 12 super-classes (Gaussian centres and noise).
 Two division steps of the reference run (mod_epoch 2, K_final 32):
   flat   epoch >= 12: 32-means (<= 30 trials until every cluster holds 2 classes of >= 2 images), Hungarian
          relabelling to the previous assignment, cleanup of single-image classes
@@ -41,6 +41,8 @@ sys.path.insert(0, REPO)
 
 
 def sop_like(num_items: int, num_classes: int, dim: int, seed: int = 0):
+  """L2-normalised features [N, dim] and labels [N]: 12 super-classes (as SOP's), classes of 2..12 images around
+  their super-class, images around their class, so that clusters follow classes as trained features do."""
   rng = np.random.default_rng(seed)
   values = np.arange(2, 13)
   probabilities = 0.72 ** values
@@ -50,8 +52,9 @@ def sop_like(num_items: int, num_classes: int, dim: int, seed: int = 0):
     ok = np.flatnonzero((sizes + step >= 2) & (sizes + step <= 12))
     sizes[rng.choice(ok, min(len(ok), abs(num_items - int(sizes.sum()))), replace=False)] += step
   labels = np.repeat(np.arange(num_classes), sizes)
-  features = rng.standard_normal((num_classes, dim), dtype=np.float32)[labels] * 0.45
-  features += rng.standard_normal((num_items, dim), dtype=np.float32)
+  supers = rng.standard_normal((12, dim), dtype=np.float32)[rng.integers(0, 12, num_classes)]
+  centres = supers + 0.8 * rng.standard_normal((num_classes, dim), dtype=np.float32)
+  features = centres[labels] + 0.5 * rng.standard_normal((num_items, dim), dtype=np.float32)
   features /= np.linalg.norm(features, axis=1, keepdims=True)
   return features, labels
 

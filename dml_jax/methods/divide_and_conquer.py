@@ -442,9 +442,6 @@ class ClusterRoundRobinSampler:
       self._epochs.append(self._next_epoch())
     return self._epochs[k]
 
-  def cluster_of_step(self, step: int) -> int:
-    return self.cluster_ids[step % len(self.samplers)]
-
 
 # --------------------------------------------------------------------------------------------------- model
 
