@@ -83,6 +83,7 @@ def get_config(variant: str = "learn"):
   )  # the embedding layer forms the 'base' group
 
   c.eval.every_epochs = 1
+  c.eval.before_training = True  # the code evaluates the initial model (not a selection candidate)
   c.eval.metrics = ("recall", "marp")
   c.eval.options.recall_ks = (1, 10, 20, 30, 50)
   c.eval.options.num_runs = 10  # NMI, when asked for: mean of 10 k-means runs, seeds 0..9, niter 100

@@ -134,7 +134,8 @@ def test_released_config_starts_on_digits(tmp_path):
   c.model.backbone_overrides = dict(layers=(1, 1), channels=(8, 16), stem_width=8)
   c.num_epochs = 2
   c.data.batch_size, c.data.steps_per_epoch, c.data.eval_batch_size, c.data.num_threads = 16, 2, 64, 2
-  c.eval.every_epochs, c.log.progress, c.log.tensorboard, c.log.every_steps = 0, False, False, 1
+  c.eval.every_epochs, c.eval.before_training = 0, False
+  c.log.progress, c.log.tensorboard, c.log.every_steps = False, False, 1
   summary = loop.fit(c, tmp_path)
   assert summary["best"] is None and np.isfinite([r[1] for r in train_losses(tmp_path)]).all()
   assert len(train_losses(tmp_path)) == 4

@@ -165,12 +165,14 @@ def relabel_to_previous(current: np.ndarray, previous: np.ndarray, *, inverse_bu
   current = np.asarray(current, np.int64)
   previous = np.asarray(previous, np.int64)
   n = int(previous.max()) + 1
-  ids = np.arange(n)
-  current_members = (current[None, :] == ids[:, None]).astype(np.float64)  # [n, N]
-  previous_members = (previous[None, :] == ids[:, None]).astype(np.float64)
-  # |A xor B| = |A| + |B| - 2 |A and B|
-  overlap = current_members @ previous_members.T
-  cost = current_members.sum(1)[:, None] + previous_members.sum(1)[None, :] - 2.0 * overlap
+  in_current = (current >= 0) & (current < n)
+  in_previous = previous >= 0
+  both = in_current & in_previous
+  # |A xor B| = |A| + |B| - 2 |A and B|, from counts (no [n, N] membership matrices).
+  overlap = np.bincount(current[both] * n + previous[both], minlength=n * n).reshape(n, n)
+  current_sizes = np.bincount(current[in_current], minlength=n)
+  previous_sizes = np.bincount(previous[in_previous], minlength=n)
+  cost = (current_sizes[:, None] + previous_sizes[None, :] - 2 * overlap).astype(np.float64)
   rows, cols = scipy.optimize.linear_sum_assignment(cost)
   renamed = current.copy()
   for row, col in zip(rows, cols):
