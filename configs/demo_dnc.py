@@ -10,8 +10,11 @@ of the 64-d embedding with the overlap regulariser, the backbone is frozen on ev
 full embedding trains without masks. Changed for a random-init network on 2 CPU cores: a two-stage ResNet
 (widths 16 / 32), Adam at 1e-3 (masks x10), batches of 32, 16 epochs.
 
-Measured (2 CPU cores shared with other jobs, 2026-12): Recall@1 0.XX before training -> 0.XX after epoch 15,
-mARP 0.XX -> 0.XX, in XX s.
+Measured (2 CPU cores shared with other jobs, load average 9-10, 2026-12-02): Recall@1 87.3 before training ->
+92.7 after epoch 3 -> 93.3 after epoch 7 (the best; 92.2 after epoch 15), D&C's mARP 56.5 -> 69.6 (71.4 after
+epoch 11); 78 s for the whole command (59 s inside `fit`). The log shows each clustering's sizes; with 5 training
+digits and 4 clusters some clusters hold a single class and sit out until the next clustering (the code would
+stop there; docs/methods/divide_and_conquer.md).
 """
 
 import ml_collections
