@@ -50,11 +50,12 @@ def train_losses(workdir):
 
 
 def last_state(workdir):
-  mngr = ocp.CheckpointManager(pathlib.Path(workdir).absolute() / "checkpoints" / "last")
-  step = mngr.latest_step()
-  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
-  mngr.close()
-  return step, state
+  from dml_jax.train import checkpoint as ckpt_lib
+  checkpoints = ckpt_lib.Checkpoints(workdir)
+  step = checkpoints.latest_step()
+  checkpoints.close()
+  path = pathlib.Path(workdir).absolute() / "checkpoints" / "steps" / str(step) / "state"
+  return step, ocp.StandardCheckpointer().restore(path)
 
 
 def test_resume_across_reclusterings_is_exact(tmp_path):
