@@ -51,7 +51,7 @@ def train_losses(workdir):
 
 def last_state(workdir):
   from dml_jax.train import checkpoint as ckpt_lib
-  checkpoints = ckpt_lib.Checkpoints(workdir)
+  checkpoints = ckpt_lib.Checkpoints(workdir, read_only=True)
   step = checkpoints.latest_step()
   checkpoints.close()
   path = pathlib.Path(workdir).absolute() / "checkpoints" / "steps" / str(step) / "state"

@@ -59,6 +59,7 @@ import scipy.optimize
 from flax import nnx
 
 from dml_jax import losses
+from dml_jax.errors import InvalidValueError
 from dml_jax.eval import kmeans as kmeans_lib
 from dml_jax.losses.ops import l2_normalize
 from dml_jax.methods import modeling
@@ -502,31 +503,26 @@ class DivideAndConquerMethod(Method):
 
   def __init__(self, config: Any, *, num_classes: int):
     o = config.method
-    if o.variant not in VARIANTS:
-      raise ValueError(f"config.method.variant must be one of {VARIANTS}, got {o.variant!r}")
+    _require(o.variant in VARIANTS, "variant", o.variant, f"one of {VARIANTS}", "learn")
     k = int(o.num_clusters)
-    if k < 1 or k & (k - 1):
-      raise ValueError(f"config.method.num_clusters must be a power of two (K doubles from 1), got {k}")
-    if int(o.mod_epoch) < 1:
-      raise ValueError(f"config.method.mod_epoch must be >= 1, got {o.mod_epoch}")
-    if not 0.0 <= float(o.features_dropout) < 1.0:
-      raise ValueError(f"config.method.features_dropout must lie in [0, 1), got {o.features_dropout}")
-    if o.clustering.features not in CLUSTERING_FEATURES:
-      raise ValueError(f"config.method.clustering.features must be one of {CLUSTERING_FEATURES}, got "
-                       f"{o.clustering.features!r}")
-    if o.sampler.small_class_action not in SMALL_CLASS_ACTIONS:
-      raise ValueError(f"config.method.sampler.small_class_action must be one of {SMALL_CLASS_ACTIONS} (the "
-                       f"code's 'smaller_batch' gives batches of varying size), got {o.sampler.small_class_action!r}")
-    if o.sampler.small_cluster_action not in SMALL_CLUSTER_ACTIONS:
-      raise ValueError(f"config.method.sampler.small_cluster_action must be one of {SMALL_CLUSTER_ACTIONS}, got "
-                       f"{o.sampler.small_cluster_action!r}")
+    _require(k >= 1 and not k & (k - 1), "num_clusters", k, "a power of two (K doubles from 1)", "32")
+    _require(int(o.mod_epoch) >= 1, "mod_epoch", o.mod_epoch, ">= 1", "2")
+    _require(0.0 <= float(o.features_dropout) < 1.0, "features_dropout", o.features_dropout, "in [0, 1)", "0.01")
+    _require(o.clustering.features in CLUSTERING_FEATURES, "clustering.features", o.clustering.features,
+             f"one of {CLUSTERING_FEATURES}", "penultimate")
+    _require(o.sampler.small_class_action in SMALL_CLASS_ACTIONS, "sampler.small_class_action",
+             o.sampler.small_class_action,
+             f"one of {SMALL_CLASS_ACTIONS} (the code's 'smaller_batch' gives batches of varying size)", "sample_other")
+    _require(o.sampler.small_cluster_action in SMALL_CLUSTER_ACTIONS, "sampler.small_cluster_action",
+             o.sampler.small_cluster_action, f"one of {SMALL_CLUSTER_ACTIONS}", "skip")
     d = config.data
     if d.samples_per_class < 1 or d.batch_size % d.samples_per_class:
-      raise ValueError(f"config.data.samples_per_class ({d.samples_per_class}) must divide batch_size "
-                       f"({d.batch_size})")
+      raise InvalidValueError(f"config.data.samples_per_class ({d.samples_per_class}) must divide batch_size "
+                              f"({d.batch_size})", "e.g. --config.data.samples_per_class=2")
     if o.variant == "fixed" and int(config.model.embedding_dim) < k:
-      raise ValueError(f"the fixed variant gives each of {k} clusters a block of the {config.model.embedding_dim} "
-                       f"embedding dimensions: embedding_dim must be >= num_clusters")
+      raise InvalidValueError(f"the fixed variant gives each of {k} clusters a block of the "
+                              f"{config.model.embedding_dim} embedding dimensions: embedding_dim must be >= "
+                              f"num_clusters", f"e.g. --config.model.embedding_dim={max(512, k)}")
     _check_mask_group(config)
     self.config = config
     self.options = o
@@ -679,6 +675,12 @@ class DivideAndConquerMethod(Method):
     return self._sampler
 
 
+def _require(condition: bool, key: str, value: Any, rule: str, example: str) -> None:
+  if not condition:
+    raise InvalidValueError(f"config.method.{key} must be {rule}, got {value!r}",
+                            f"e.g. --config.method.{key}={example}")
+
+
 def _check_mask_group(config: Any) -> None:
   """The masks' group must stop training at the full-embedding epoch ('learn') or be frozen ('fixed'): the
   code removes them from its optimizer there, and never trains fixed masks."""
@@ -690,17 +692,19 @@ def _check_mask_group(config: Any) -> None:
       continue
     if o.variant == "fixed":
       if not spec.get("frozen", False):
-        raise ValueError(f"optim.groups[{i}] ({pattern!r}): the fixed variant's masks never train; give them "
-                         f"frozen=True (the code sets their lr and weight decay to 0)")
+        raise InvalidValueError(f"optim.groups[{i}] ({pattern!r}): the fixed variant's masks never train",
+                                "give them frozen=True (the code sets their lr and weight decay to 0)")
       return
     stop = spec.get("stop_epoch")
     full = float(o.force_full_embedding_epoch)
     if (stop is None and math.isfinite(full)) or (stop is not None and float(stop) != full):
-      raise ValueError(f"optim.groups[{i}] ({pattern!r}): the masks stop training at the full-embedding epoch; set "
-                       f"stop_epoch={o.force_full_embedding_epoch} (config.method.force_full_embedding_epoch)")
+      raise InvalidValueError(f"optim.groups[{i}] ({pattern!r}): the masks stop training at the full-embedding epoch",
+                              f"set stop_epoch={o.force_full_embedding_epoch} "
+                              f"(config.method.force_full_embedding_epoch)")
     return
-  raise ValueError("config.optim.groups needs a rule for 'model/masks' (the code gives the masks their own Adam "
-                   "group: lr x mask_lr_mult, stop_epoch at the full-embedding epoch; 'fixed': frozen)")
+  raise InvalidValueError("config.optim.groups needs a rule for 'model/masks' (the code gives the masks their own "
+                          "Adam group)", "e.g. ('model/masks', dict(name='masks', lr_mult=100.0, stop_epoch=80)); "
+                          "the fixed variant: dict(name='masks', frozen=True)")
 
 
 def build(config: Any, num_classes: int) -> DivideAndConquerMethod:
