@@ -6,7 +6,8 @@ repository: its `AdaptiveClassBalancedSampler` under `np.random.seed(s)` on gene
 faiss-cpu 1.15.1 on generated features. The re-clustering is also checked against `reference_recluster`, a
 re-creation written here from the code with the same faiss calls and seeds. The masks, the regulariser and the
 optimizer updates are checked against `torch_dnc_steps`, a torch re-creation of the code's model, loss and Adam
-groups on a tiny ResNet.
+groups on a tiny ResNet (a parity reference: its outputs are committed in tests/references/dnc/, recomputed with
+`pytest -m parity`; tests/reference.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+
+from seeded import cnn_state_dict
 
 from dml_jax import methods
 from dml_jax import pytree as tree_lib
@@ -240,13 +243,12 @@ def torch_dnc_steps(state_dict, weight, bias, masks, steps, *, lr, mask_lr_mult,
   Returns:
     {'metric_loss': [steps], 'mask_loss': [steps], 'embeddings_<i>': [B, E], 'param/<name>': final values}.
   """
+  import live
   import torch
   import torch.nn.functional as F
-  from timm.models.resnet import Bottleneck, ResNet
 
   torch.manual_seed(0)
-  net = ResNet(block=Bottleneck, layers=[1, 1], channels=(8, 16), num_classes=0)
-  net.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()})
+  net = live.load(_timm_two_stage_resnet(), state_dict)
   for m in net.modules():  # bn_learnable=False: BatchNorm pinned to eval mode, affine still trained
     if isinstance(m, torch.nn.BatchNorm2d):
       m.eval()
@@ -297,7 +299,8 @@ def torch_dnc_steps(state_dict, weight, bias, masks, steps, *, lr, mask_lr_mult,
     out[f"embeddings_{i}"] = e.detach().numpy()
   out = {k: np.asarray(v) for k, v in out.items()}
   for name, value in net.state_dict().items():
-    out[f"param/backbone.{name}"] = value.numpy().copy()
+    if not name.endswith("num_batches_tracked"):
+      out[f"param/backbone.{name}"] = value.numpy().copy()
   out["param/embedding.weight"] = embedding.weight.detach().numpy().copy()
   out["param/embedding.bias"] = embedding.bias.detach().numpy().copy()
   out["param/masks"] = np.stack([m.detach().numpy() for m in mask_params])
@@ -322,24 +325,32 @@ def tiny_config(**method) -> ml_collections.ConfigDict:
   return c
 
 
-def _torch_tiny_resnet(seed):
-  torch = pytest.importorskip("torch")
-  from cnn_parity import nchw, randomize_batchnorm
+def _timm_two_stage_resnet():
   from timm.models.resnet import Bottleneck, ResNet
+  return ResNet(block=Bottleneck, layers=[1, 1], channels=(8, 16), num_classes=0)
 
-  torch.manual_seed(seed)
-  net = ResNet(block=Bottleneck, layers=[1, 1], channels=(8, 16), num_classes=0)
-  calibration = nchw(np.random.default_rng(seed).normal(size=(4, 32, 32, 3)).astype(np.float32))
-  randomize_batchnorm(net, calibration, seed=seed + 1,
-                      forward=lambda x: net.layer2(net.layer1(net.maxpool(net.act1(net.bn1(net.conv1(x)))))))
-  return {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}
+
+def _tiny_state_dict(ref, seed):
+  """Seeded weights in the layout of timm's two-stage ResNet, with distinct running statistics per channel."""
+  import live
+  layout = ref("dnc/tiny_resnet_layout", lambda: live.layout(_timm_two_stage_resnet()))
+  state_dict = cnn_state_dict(layout, seed)
+  rng = np.random.default_rng(seed + 1)
+  for key in state_dict:
+    if key.endswith("running_mean"):
+      state_dict[key] = (0.2 * rng.standard_normal(state_dict[key].shape)).astype(np.float32)
+    elif key.endswith("running_var"):
+      state_dict[key] = rng.uniform(0.5, 1.5, state_dict[key].shape).astype(np.float32)
+  return state_dict
 
 
 def _load_into(method, params, method_state, state_dict, weight, bias, masks):
   """Our params / method state holding the torch model's tensors."""
   from dml_jax.convert.resnet import from_torch
   from dml_jax.convert.state_dict_reader import StateDictReader
-  flat = from_torch(StateDictReader(state_dict, "torch reference"), TINY_RESNET)
+  reader = StateDictReader({k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")},
+                           "torch reference")
+  flat = from_torch(reader, TINY_RESNET)
   pflat, sflat = tree_lib.flatten(params), tree_lib.flatten(method_state)
   for path, value in flat.items():
     target = sflat if path.rsplit("/", 1)[1] in ("mean", "var") else pflat
@@ -360,13 +371,12 @@ def _triplet_counts(triplets, n):
   return jnp.asarray(pos_counts), jnp.asarray(neg_counts)
 
 
-def test_masks_regulariser_and_updates_match_torch(monkeypatch):
-  pytest.importorskip("torch")
+def test_masks_regulariser_and_updates_match_torch(ref, monkeypatch):
   config = tiny_config()
   method = methods.build(config, num_classes=10)
   params, method_state = method.init(jax.random.key(0))
   rng = np.random.default_rng(3)
-  state_dict = _torch_tiny_resnet(seed=7)
+  state_dict = _tiny_state_dict(ref, seed=7)
   feature_dim = 64
   bound = 1 / np.sqrt(feature_dim)
   weight = rng.uniform(-bound, bound, (EMBED, feature_dim)).astype(np.float32)
@@ -386,8 +396,8 @@ def test_masks_regulariser_and_updates_match_torch(monkeypatch):
   batches = [np.random.default_rng(10 + i).normal(size=(8, 32, 32, 3)).astype(np.float32) for i in range(3)]
   steps = [dict(images=batches[i], labels=labels, cluster=c, triplets=triplets, backbone_lr_mult=float(e % 2),
                 full=e >= 2) for i, (e, c) in enumerate(plan)]
-  ref = torch_dnc_steps(state_dict, weight, bias, masks, steps, lr=1e-3, mask_lr_mult=100.0, weight_decay=1e-4,
-                        masking_lambda=0.5)
+  expected = ref("dnc/tiny_steps", lambda: torch_dnc_steps(state_dict, weight, bias, masks, steps, lr=1e-3,
+                                                           mask_lr_mult=100.0, weight_decay=1e-4, masking_lambda=0.5))
 
   paths = tree_lib.key_index(params)
   param_plan = optim.ParamPlan(config.optim, list(paths), selectors=method.param_selectors(params))
@@ -404,16 +414,16 @@ def test_masks_regulariser_and_updates_match_torch(monkeypatch):
     lrs, ep = step_lib.learning_rate_args(groups, epoch)
     emb = method.train_embeddings(state["params"], state["method_state"], batch["image"],
                                   None if epoch >= 2 else jnp.int32(cluster), None)
-    np.testing.assert_allclose(np.asarray(emb), ref[f"embeddings_{i}"], atol=1e-5, err_msg=f"step {i}")
+    np.testing.assert_allclose(np.asarray(emb), expected[f"embeddings_{i}"], atol=1e-5, err_msg=f"step {i}")
     state, metrics = cache.update_fn(groups, epoch)(state, batch, lrs, ep)
-    np.testing.assert_allclose(float(metrics["metric_loss"]), ref["metric_loss"][i], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(float(metrics["mask_loss"]), 0.0 if epoch >= 2 else ref["mask_loss"][i], rtol=1e-5,
-                               atol=1e-7)
+    np.testing.assert_allclose(float(metrics["metric_loss"]), expected["metric_loss"][i], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(metrics["mask_loss"]), 0.0 if epoch >= 2 else expected["mask_loss"][i],
+                               rtol=1e-5, atol=1e-7)
     assert float(metrics["cluster"]) == cluster
 
   from dml_jax.convert.resnet import from_torch
   from dml_jax.convert.state_dict_reader import StateDictReader
-  ref_backbone = from_torch(StateDictReader({k[len("param/backbone."):]: v for k, v in ref.items()
+  ref_backbone = from_torch(StateDictReader({k[len("param/backbone."):]: v for k, v in expected.items()
                                              if k.startswith("param/backbone.")}, "torch after"), TINY_RESNET)
   ours = tree_lib.flatten(state["params"])
   checked = 0
@@ -423,10 +433,11 @@ def test_masks_regulariser_and_updates_match_torch(monkeypatch):
     np.testing.assert_allclose(np.asarray(ours[f"model/backbone/{path}"]), value, atol=1e-5, err_msg=path)
     checked += 1
   assert checked > 20
-  np.testing.assert_allclose(np.asarray(ours["model/embedding/kernel"]), ref["param/embedding.weight"].T, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(ours["model/embedding/bias"]), ref["param/embedding.bias"], atol=1e-5)
-  np.testing.assert_allclose(np.asarray(ours["model/masks"]), ref["param/masks"], atol=1e-5)
-  assert np.abs(ref["param/masks"] - masks).min() > 1e-4  # every mask moved, absent clusters' too
+  np.testing.assert_allclose(np.asarray(ours["model/embedding/kernel"]), expected["param/embedding.weight"].T,
+                             atol=1e-5)
+  np.testing.assert_allclose(np.asarray(ours["model/embedding/bias"]), expected["param/embedding.bias"], atol=1e-5)
+  np.testing.assert_allclose(np.asarray(ours["model/masks"]), expected["param/masks"], atol=1e-5)
+  assert np.abs(expected["param/masks"] - masks).min() > 1e-4  # every mask moved, absent clusters' too
 
 
 def test_absent_masks_move_by_a_full_step_after_a_split():
