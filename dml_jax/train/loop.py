@@ -315,24 +315,53 @@ class Trainer:
       data_lib.write_split_manifest(self.workdir / folder_lib.SPLIT_FILE, self.split_manifest)
     if self.checkpoints.latest_step() is None:
       self.groups = self.plan.groups(0)
+      self.logger.rewind(None)  # records of an earlier start that never committed a step
       self.logger.write("config", step=0, epoch=0, config=json.loads(self.config.to_json_best_effort()))
       return self._fresh_state(self.groups), _Progress()
-    restored = self._restore(ckpt_lib.LAST)
+    restored = self._restore(ckpt_lib.LAST, repair=True)
     meta = restored.meta
     self._log_config_differences(meta["config"])
     progress = _Progress(epoch=meta["epoch"], best=meta["best"], data_state=meta["data_state"])
     _echo(f"resumed from {self.checkpoints.step_path(restored.step)}: epoch {progress.epoch}, step {restored.step}"
           + (f", batch {progress.data_state['step']} of the epoch" if progress.data_state else ""))
+    self._complete_commit(restored)
     return restored.state, progress
 
-  def _restore(self, which: str) -> ckpt_lib.Restored:
-    """The newest intact checkpoint of `which` (verified; damaged steps are named and passed over), with
-    self.groups set to its epoch's and the host state loaded."""
+  def _complete_commit(self, restored: ckpt_lib.Restored) -> None:
+    """The log and the files a commit describes, as an uninterrupted run leaves them: metrics.jsonl rewound
+    to the resumed step (records of later steps are computed again, docs/reliability.md), the evaluation
+    rows of that step's epoch and the best test embeddings when a kill came between the commit and them."""
+    step, meta = restored.step, restored.meta
+    kept = self.logger.rewind(step)
+    evaluation = meta.get("evaluation")
+    if evaluation is not None:
+      logged = {r.get("split") for r in kept if r.get("kind") == "eval" and r.get("step") == step
+                and r.get("epoch") == evaluation["epoch"] and "checkpoint" not in r}
+      missing = {split: res for split, res in evaluation["rows"].items() if split not in logged}
+      if missing:
+        self._log_evaluation(missing, evaluation["epoch"], step)
+    self.logger.write("event", step=step, epoch=meta["epoch"], event="resumed",
+                      damaged=[entry.split(": ", 1)[0] for entry in restored.skipped])
+    best = self.checkpoints.best
+    if self.is_main and best is not None and int(best["step"]) == step and "test" in self.eval_splits:
+      path = saved_lib.best_test_path(self.workdir)
+      try:
+        saved_step = saved_lib.load_embeddings(path).step
+      except (OSError, ValueError):
+        saved_step = None
+      if saved_step != step:  # killed after committing a new best, before writing its embeddings
+        _echo(f"writing the test embeddings of the best checkpoint (step {step}) again: {path}")
+        self.evaluate(restored.state, "test")
+        self._save_best_embeddings(int(best["epoch"]), step)
+
+  def _restore(self, which: str, *, repair: bool = False) -> ckpt_lib.Restored:
+    """The newest intact checkpoint of `which` (verified; damaged steps are named and passed over, and set
+    aside with `repair`), with self.groups set to its epoch's and the host state loaded."""
     def make_abstract(meta):
       self.groups = self.plan.groups(meta["phase_epoch"])
       return self._abstract_state(self.groups, meta)
 
-    restored = self.checkpoints.restore(which, make_abstract, echo=_echo)
+    restored = self.checkpoints.restore(which, make_abstract, echo=_echo, repair=repair)
     self.groups = self.plan.groups(restored.meta["phase_epoch"])
     if self.host is not None:
       if restored.host is None:
@@ -341,11 +370,15 @@ class Trainer:
       self.host.load_state_dict(restored.host)
     return restored
 
-  def _save(self, state: dict, progress: _Progress, *, step: int, phase_epoch: int, best_too: bool = False) -> None:
+  def _save(self, state: dict, progress: _Progress, *, step: int, phase_epoch: int, best_too: bool = False,
+            evaluation: dict | None = None) -> None:
+    """Commits step `step`; `evaluation` ({split: metrics} of this epoch) rides in the meta, so that a resume
+    can log it when a kill came between the commit and its log rows."""
     meta = {"epoch": progress.epoch, "phase_epoch": phase_epoch, "step": step, "data_state": progress.data_state,
             "best": progress.best, "select_on": self.config.eval.select_on,
             "select_metric": self.config.eval.select_metric, "num_classes": self.train_records.num_classes,
             "pretrained_cfg": self.method.pretrained_cfg.to_json(),
+            "evaluation": None if evaluation is None else {"epoch": phase_epoch, "rows": evaluation},
             "config": json.loads(self.config.to_json_best_effort())}
     host = self.host.state_dict() if self.host is not None else None
     best = None
@@ -394,14 +427,22 @@ class Trainer:
     restored = self._restore(which)
     meta, step = restored.meta, restored.step
     best = self.checkpoints.best
+    data = meta.get("data_state")
+    where = (f"epoch {meta['epoch']}, batch {data['step']} of {data['steps_per_epoch']}" if data
+             else f"after epoch {meta['epoch'] - 1}")
     what = (f"the best checkpoint (step {step}, after epoch {best['epoch']}: {best['metric']} "
             f"{100 * best['value']:.2f} on {best['split']})" if which == ckpt_lib.BEST and best and best["step"] == step
-            else f"the checkpoint of step {step} (after epoch {meta['epoch'] - 1})")
+            else f"the checkpoint of step {step} ({where})")
+    if restored.skipped:
+      damaged = ", ".join(pathlib.Path(entry.split(": ", 1)[0]).name for entry in restored.skipped)
+      what += f" instead of the {which} one: step(s) {damaged} damaged, see above"
     _echo(f"evaluating {what}: {self.checkpoints.step_path(step)}")
     results = {}
     for split in self.eval_splits:
       results[split] = self.evaluate(restored.state, split)
-      self.logger.write("eval", step=step, epoch=meta["epoch"], split=split, checkpoint=which, **results[split])
+      extra = {"damaged": [entry.split(": ", 1)[0] for entry in restored.skipped]} if restored.skipped else {}
+      self.logger.write("eval", step=step, epoch=meta["epoch"], split=split, checkpoint=which, **extra,
+                        **results[split])
       _echo(f"{which} checkpoint (step {step}) on {split}: " + _format_metrics(results[split]))
     return results
 
@@ -487,7 +528,7 @@ class Trainer:
         row = self._evaluate_epoch(state, epoch, history)
         is_best = self._select(row, epoch, step, progress)
       progress.epoch = epoch + 1
-      self._save(state, progress, step=step, phase_epoch=epoch, best_too=is_best)
+      self._save(state, progress, step=step, phase_epoch=epoch, best_too=is_best, evaluation=row)
       if row is not None:
         self._log_evaluation(row, epoch, step)
       if is_best:
@@ -557,7 +598,9 @@ class Trainer:
       seen += c.data.batch_size
       log.add(step, metrics, c.data.batch_size)
       every = c.checkpoint.every_steps
-      preempted = self._stop.requested and iterator.step < len(self.train_loader)
+      # A signal during the epoch's last step saves here too, before the epoch-end hook and the evaluation
+      # (which may outlast a preemption's grace period); the resumed run starts at the epoch's end.
+      preempted = self._stop.requested
       if (every and (step + 1) % every == 0 and iterator.step < len(self.train_loader)) or preempted:
         log.flush()  # never save a state that follows a non-finite loss
         mid = _Progress(epoch=epoch, best=progress.best, data_state=iterator.get_state())
