@@ -222,25 +222,33 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(tmp_path, capsys, uninter
 # ------------------------------------------------------------------------------------------------ signals
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signal_finishes_the_step_saves_and_the_rerun_is_identical(tmp_path, capsys, uninterrupted, signum):
+@pytest.mark.parametrize("signum, step, stopped, resumed", [
+    # In the middle of epoch 1: the step finishes, a mid-epoch checkpoint with the data position.
+    (signal.SIGTERM, 5, "after step 5 (epoch 1, batch 2 of 3)", "epoch 1, step 5, batch 2 of the epoch"),
+    # In the last step of epoch 1: the epoch-end checkpoint, its evaluation left to the resumed run (which
+    # then commits step 6 as the best).
+    (signal.SIGINT, 6, "after epoch 1 (step 6), before its evaluation (the resumed run does it first)",
+     "epoch 2, step 6"),
+])
+def test_signal_finishes_the_step_saves_and_the_rerun_is_identical(tmp_path, capsys, uninterrupted, signum, step,
+                                                                   stopped, resumed):
   workdir, go = tmp_path / "run", tmp_path / "go"
-  proc = start_child(workdir, "pause:5", go)  # waits before step 5 (mid-epoch 1) for the signal
-  wait_for_line(proc, "fault: paused before step 5")
+  proc = start_child(workdir, f"pause:{step}", go)  # waits before the step for the signal
+  wait_for_line(proc, f"fault: paused before step {step}")
   proc.send_signal(signum)
   _, err = proc.communicate(timeout=300)
   name = signal.Signals(signum).name
   assert proc.returncode == 128 + signum, err[-3000:]
   lines = err.strip().splitlines()
   assert lines[0].startswith(f"received {name}: finishing the current step, then saving"), err[-3000:]
-  step_5 = workdir.absolute() / "checkpoints" / "steps" / "5"
-  assert lines[-1] == (f"stopped by {name} after step 5 (epoch 1, batch 2 of 3); checkpoint saved in {step_5}; "
-                       "rerun the same command to resume")
+  saved = workdir.absolute() / "checkpoints" / "steps" / str(step)
+  assert lines[-1] == f"stopped by {name} {stopped}; checkpoint saved in {saved}; rerun the same command to resume"
   assert len(lines) == 2, err  # no traceback, no messages of the loader's threads
-  assert manifest(workdir)["last"] == [5, 4] and not (workdir / LOCK_NAME).exists()
+  assert manifest(workdir)["last"] == [step, 4] and manifest(workdir)["best"]["step"] == 3
+  assert not (workdir / LOCK_NAME).exists()
 
   out = resume(workdir, capsys)
-  assert f"resumed from {step_5}: epoch 1, step 5, batch 2 of the epoch" in out
+  assert f"resumed from {saved}: {resumed}" in out
   assert_same_run(workdir, uninterrupted)
 
 

@@ -211,6 +211,20 @@ class Checkpoints:
                 "best": self.manifest["best"]}
     if best is not None and self.keep_best:
       manifest["best"] = {**best, "step": step}
+    self._commit(manifest, step)
+
+  def mark_best(self, step: int, best: dict) -> None:
+    """Commits the committed 'last' step `step` as the best too, by the manifest alone (its data is on disk):
+    an evaluation that a signal postponed to the resumed run."""
+    if self.read_only:
+      raise RuntimeError("this Checkpoints object is read-only")
+    if int(step) not in self.manifest["last"]:
+      raise RuntimeError(f"step {step} is not a committed 'last' step of {self.root}")
+    if self.keep_best:
+      self._commit({**self.manifest, "best": {**best, "step": int(step)}}, int(step))
+
+  def _commit(self, manifest: dict, step: int) -> None:
+    """Writes `manifest` atomically (the commit), then deletes the step folders it no longer names."""
     if self.is_main:
       _write_json_atomically(self.manifest_path, manifest)
     _sync(f"dml_jax checkpoint {step}")

@@ -324,26 +324,36 @@ class Trainer:
     progress = _Progress(epoch=meta["epoch"], best=meta["best"], data_state=meta["data_state"])
     _echo(f"resumed from {self.checkpoints.step_path(restored.step)}: epoch {progress.epoch}, step {restored.step}"
           + (f", batch {progress.data_state['step']} of the epoch" if progress.data_state else ""))
-    self._complete_commit(restored)
+    self._complete_commit(restored, progress)
     return restored.state, progress
 
-  def _complete_commit(self, restored: ckpt_lib.Restored) -> None:
+  def _complete_commit(self, restored: ckpt_lib.Restored, progress: _Progress) -> None:
     """The log and the files a commit describes, as an uninterrupted run leaves them: metrics.jsonl rewound
-    to the resumed step (records of later steps are computed again, docs/reliability.md), the evaluation
-    rows of that step's epoch and the best test embeddings when a kill came between the commit and them."""
+    to the resumed step (records of later steps are computed again, docs/reliability.md); the evaluation
+    rows of that step's epoch and the best test embeddings when a kill came between the commit and them;
+    the evaluation a signal postponed (then the step becomes 'best' by a manifest commit if it is)."""
     step, meta = restored.step, restored.meta
     kept = self.logger.rewind(step)
-    evaluation = meta.get("evaluation")
-    if evaluation is not None:
-      logged = {r.get("split") for r in kept if r.get("kind") == "eval" and r.get("step") == step
-                and r.get("epoch") == evaluation["epoch"] and "checkpoint" not in r}
-      missing = {split: res for split, res in evaluation["rows"].items() if split not in logged}
-      if missing:
-        self._log_evaluation(missing, evaluation["epoch"], step)
     self.logger.write("event", step=step, epoch=meta["epoch"], event="resumed",
                       damaged=[entry.split(": ", 1)[0] for entry in restored.skipped])
+    evaluation = meta.get("evaluation")
+    if evaluation is not None:
+      epoch = meta["phase_epoch"]
+      if evaluation.get("pending"):
+        rows = self._evaluate_epoch(restored.state, epoch, [])
+        if self._select(rows, epoch, step, progress):
+          self.checkpoints.mark_best(step, self._best_entry(progress))
+          self._save_best_embeddings(epoch, step)
+      else:
+        rows = evaluation["rows"]
+      logged = {r.get("split") for r in kept if r.get("kind") == "eval" and r.get("step") == step
+                and r.get("epoch") == epoch and "checkpoint" not in r}
+      missing = {split: res for split, res in rows.items() if split not in logged}
+      if missing:
+        self._log_evaluation(missing, epoch, step)
     best = self.checkpoints.best
-    if self.is_main and best is not None and int(best["step"]) == step and "test" in self.eval_splits:
+    # Every process decides (the workdir is shared) and embeds: embedding is collective on several hosts.
+    if best is not None and int(best["step"]) == step and "test" in self.eval_splits:
       path = saved_lib.best_test_path(self.workdir)
       try:
         saved_step = saved_lib.load_embeddings(path).step
@@ -372,19 +382,24 @@ class Trainer:
 
   def _save(self, state: dict, progress: _Progress, *, step: int, phase_epoch: int, best_too: bool = False,
             evaluation: dict | None = None) -> None:
-    """Commits step `step`; `evaluation` ({split: metrics} of this epoch) rides in the meta, so that a resume
-    can log it when a kill came between the commit and its log rows."""
+    """Commits step `step`; `evaluation` ({split: metrics} of this epoch, or {'pending': True} when a signal
+    came first) rides in the meta, so that a resume can log it when a kill came between the commit and its log
+    rows (or evaluate first)."""
     meta = {"epoch": progress.epoch, "phase_epoch": phase_epoch, "step": step, "data_state": progress.data_state,
             "best": progress.best, "select_on": self.config.eval.select_on,
             "select_metric": self.config.eval.select_metric, "num_classes": self.train_records.num_classes,
             "pretrained_cfg": self.method.pretrained_cfg.to_json(),
-            "evaluation": None if evaluation is None else {"epoch": phase_epoch, "rows": evaluation},
+            "evaluation": None if evaluation is None else (
+                evaluation if evaluation.get("pending") else {"epoch": phase_epoch, "rows": evaluation}),
             "config": json.loads(self.config.to_json_best_effort())}
     host = self.host.state_dict() if self.host is not None else None
-    best = None
-    if best_too and progress.best is not None:
-      best = {k: progress.best[k] for k in ("metric", "value", "epoch", "split")}
+    best = self._best_entry(progress) if best_too and progress.best is not None else None
     self.checkpoints.save(step, state, meta, host=host, best=best)
+
+  @staticmethod
+  def _best_entry(progress: _Progress) -> dict:
+    """What the manifest says of the best step."""
+    return {k: progress.best[k] for k in ("metric", "value", "epoch", "split")}
 
   def _log_config_differences(self, saved: dict) -> None:
     now = json.loads(self.config.to_json_best_effort())
@@ -523,6 +538,13 @@ class Trainer:
       images_seen, train_time = images_seen + seen, train_time + seconds
       state = self.method.on_epoch_end(epoch, state, self.ctx)
       step = int(state["step"])
+      if self._stop.requested and self._evaluates_after(epoch):
+        # Stop now rather than after the evaluation, which may outlast a preemption's grace period: the
+        # checkpoint says that its evaluation is pending, and the resumed run does it first, on this state.
+        progress.epoch = epoch + 1
+        self._save(state, progress, step=step, phase_epoch=epoch, evaluation={"pending": True})
+        raise self._stop.stopped(f"after epoch {epoch} (step {step}), before its evaluation (the resumed run "
+                                 f"does it first); checkpoint saved in {self.checkpoints.step_path(step)}")
       is_best, row = False, None
       if self._evaluates_after(epoch):
         row = self._evaluate_epoch(state, epoch, history)
@@ -598,9 +620,8 @@ class Trainer:
       seen += c.data.batch_size
       log.add(step, metrics, c.data.batch_size)
       every = c.checkpoint.every_steps
-      # A signal during the epoch's last step saves here too, before the epoch-end hook and the evaluation
-      # (which may outlast a preemption's grace period); the resumed run starts at the epoch's end.
-      preempted = self._stop.requested
+      # A signal during the epoch's last step is handled at the epoch's end (`_run`), after the epoch-end hook.
+      preempted = self._stop.requested and iterator.step < len(self.train_loader)
       if (every and (step + 1) % every == 0 and iterator.step < len(self.train_loader)) or preempted:
         log.flush()  # never save a state that follows a non-finite loss
         mid = _Progress(epoch=epoch, best=progress.best, data_state=iterator.get_state())
