@@ -97,6 +97,19 @@ def _write_json_atomically(path: pathlib.Path, value: dict) -> None:
     os.close(directory)
 
 
+def has_committed_step(workdir: str | os.PathLike) -> bool:
+  """Whether `workdir` has a manifest naming a step (read only: creates nothing; a damaged manifest counts, so
+  that opening the checkpoints reports it)."""
+  path = pathlib.Path(workdir) / "checkpoints" / MANIFEST_FILE
+  try:
+    manifest = json.loads(path.read_text())
+  except FileNotFoundError:
+    return False
+  except (OSError, ValueError):
+    return True
+  return not isinstance(manifest, dict) or bool(manifest.get("last")) or manifest.get("best") is not None
+
+
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils

@@ -197,6 +197,9 @@ class Trainer:
     config_lib.check_config(config, num_devices=self.mesh.size)
     self.config = config
     self.workdir = pathlib.Path(workdir)
+    if not for_training and not ckpt_lib.has_committed_step(self.workdir):  # before any work, creating nothing
+      raise ckpt_lib.CheckpointError(f"no checkpoint under {self.workdir.absolute() / 'checkpoints'}",
+                                     "train first (the same --workdir), or pass the --workdir of a training run")
     self.is_main = jax.process_index() == 0
     self._lock = None
     self._load_data()
@@ -218,9 +221,12 @@ class Trainer:
                             steps_per_epoch=len(self.train_loader), log=_echo, _trainer=self)
 
   def _check_evaluation(self, for_training: bool) -> None:
-    """Mistakes that would otherwise stop the run at its first evaluation, after an epoch of work: the metric
-    names and options, the selection metric, and every evaluation image (decoded at 1/8 scale)."""
+    """Mistakes that would otherwise stop the run at its first evaluation or in the middle of an epoch, after
+    work was done: the metric names and options, the selection metric, and every image of every split
+    (decoded at 1/8 scale; the training split when training)."""
     c = self.config
+    if for_training and not c.dataset.skip_corrupt:
+      data_lib.require_decodable(self.dataset_name, self.train_records, "train", num_threads=c.data.num_threads)
     for split in self.eval_splits:
       protocol, options = (self.val_protocol, {**dict(c.eval.options), **self.val_options}) if split == "val" else (
           self.protocol, dict(c.eval.options))
