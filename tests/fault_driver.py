@@ -9,6 +9,7 @@ step: the step that step N's update produces; K counts this process's evaluation
 
   kill_in_step:N       SIGKILL while step N computes (its update dispatched, not finished)
   kill_in_orbax:N      SIGKILL while orbax writes step N's folder (inside its temporary folder, before the rename)
+  disk_full_in_orbax:N the same write fails with ENOSPC (No space left on device) instead
   kill_in_manifest:N   SIGKILL once the manifest committing step N is written and fsynced under its temporary
                        name, before the rename that commits it
   kill_after_commit:N  SIGKILL right after that rename: step N is committed; its evaluation's log rows, the best
@@ -24,6 +25,7 @@ Every fault prints one 'fault: ...' line on stderr when it fires, so a test can 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pathlib
@@ -89,7 +91,7 @@ def _install(point: str, arg: int | None) -> None:
 
     step_lib.StepCache.update_fn = update_fn
 
-  elif point == "kill_in_orbax":
+  elif point in ("kill_in_orbax", "disk_full_in_orbax"):
     from orbax.checkpoint._src.handlers import json_checkpoint_handler
 
     real_save_fn = json_checkpoint_handler.JsonCheckpointHandler._save_fn
@@ -97,7 +99,10 @@ def _install(point: str, arg: int | None) -> None:
     async def save_fn(self, x, directory):
       match = re.search(r"/steps/(\d+)\.", str(directory))  # the step's temporary folder
       if match and int(match.group(1)) == arg:
-        _kill(f"while orbax writes step {arg} into {directory}")
+        if point == "kill_in_orbax":
+          _kill(f"while orbax writes step {arg} into {directory}")
+        _say(f"ENOSPC while orbax writes step {arg}")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory / "metadata"))
       return await real_save_fn(self, x, directory)
 
     json_checkpoint_handler.JsonCheckpointHandler._save_fn = save_fn

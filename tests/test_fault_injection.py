@@ -1,6 +1,6 @@
-"""Faults injected into real training processes: kill -9 at chosen points, SIGTERM / SIGINT (and a second signal),
-a corrupted newest checkpoint, two runs on one workdir. Nothing is lost, and the finished run equals one that never
-stopped.
+"""Faults injected into real training processes: kill -9 at chosen points, a full disk during a save, SIGTERM /
+SIGINT (and a second signal), a corrupted newest checkpoint, two runs on one workdir. Nothing is lost, and the
+finished run equals one that never stopped.
 
 Each test starts `train.py` in a child process (through tests/fault_driver.py, which injects the fault at a chosen
 point), then finishes the run in this process with `loop.fit` on the same workdir, as rerunning the command would,
@@ -217,6 +217,22 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(tmp_path, capsys, uninter
   assert all(r["step"] > resumes_from for r in moved)
   resumed = [r for r in records(workdir, "event") if r.get("event") == "resumed"]
   assert [r["step"] for r in resumed] == [resumes_from]
+
+
+def test_disk_full_during_a_save_is_said_first_and_the_rerun_is_identical(tmp_path, capsys, uninterrupted):
+  workdir = tmp_path / "run"
+  proc = start_child(workdir, "disk_full_in_orbax:3")  # the write of step 3 fails with ENOSPC
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 2, err[-3000:]
+  lines = [line for line in err.strip().splitlines() if not line.startswith("fault: ")]
+  where = f"{workdir.absolute()}/checkpoints/steps/3.orbax-checkpoint-tmp/"
+  assert lines[0].startswith(f"error: disk full while writing {where}"), err[-3000:]  # first, before any noise
+  assert lines[-1].startswith("error: disk full while writing"), err[-3000:]  # and last, if anything followed
+  assert manifest(workdir)["last"] == [2] and not (workdir / LOCK_NAME).exists()
+
+  out = resume(workdir, capsys)
+  assert f"resumed from {workdir.absolute()}/checkpoints/steps/2:" in out
+  assert_same_run(workdir, uninterrupted)  # the half-written step folder is gone too
 
 
 # ------------------------------------------------------------------------------------------------ signals
