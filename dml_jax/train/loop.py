@@ -3,7 +3,10 @@
 Resuming: when `<workdir>/checkpoints` holds a committed checkpoint, `fit` continues from the newest intact
 one (parameters, optimizer state per group, method state, host state, RNG, data-iterator position,
 best-so-far), so a run stopped after an epoch, mid-epoch (checkpoint.every_steps), by SIGTERM / SIGINT or by
-kill -9, and started again produces the same losses as one that never stopped (docs/reliability.md).
+kill -9, and started again produces the same losses as one that never stopped (docs/reliability.md). What the
+stopped run had logged or left unwritten after its newest commit is put right first (`_complete_commit`):
+metrics.jsonl rewound to that commit, its evaluation rows and best embeddings written if a kill came before
+them, an evaluation a signal postponed done; damaged steps are set aside and computed again.
 
 Model selection: `eval.select_on = 'test'` keeps the checkpoint with the best `eval.select_metric` on
 the TEST split, as the seed papers' code does (an optimistic protocol; the log says so). 'val' selects
