@@ -71,3 +71,71 @@ def test_demo_config_is_locked_and_complete():
   with pytest.raises(AttributeError, match="lrr"):
     c.optim.lrr = 1.0
   assert set(default_config().keys()) == set(c.keys())
+
+
+# configs/demo.py and configs/folder_vits.py are this project's recipes, not a paper's: their values are the ones
+# their docstrings state (written out here, not read from any table of the project), with the Proxy-Anchor code's
+# loss settings (alpha 32, margin 0.1, proxies at 100x lr, element-wise gradient clamp 10, AdamW) and, for the
+# folder recipe, timm's pretrained config of vit_small_patch16_224.augreg_in21k (bicubic, mean = std = 0.5).
+DEMO = dict(seed=0, num_epochs=16, dataset="digits", image_size=32, resize_size=32, batch=64, eval_batch=128,
+            sampler="random", scale=(0.6, 1.0), flip=False, patch=4, depth=2, width=64, heads=2, embedding=64,
+            lr=1e-3, weight_decay=1e-4, t_max=16, eta_min=1e-5, eval_every=4)
+FOLDER = dict(seed=0, num_epochs=30, image_size=224, resize_size=256, batch=32, scale=(0.25, 1.0), lr=2e-5,
+              weight_decay=0.05, head_mult=10.0, warmup=1, eta_min=1e-7, embedding=384, train_fraction=0.5)
+
+
+def _common_proxy_anchor_recipe(c):
+  assert c.method.name == "metric_loss" and c.method.loss.name == "proxy_anchor"
+  assert dict(c.method.loss.hparams) == dict(alpha=32.0, margin=0.1) and c.method.bn_freeze is False
+  assert (c.optim.optimizer, c.optim.clip_value, c.optim.schedule.name) == ("adamw", 10.0, "cosine")
+  assert c.data.sampler == "random" and c.eval.select_metric == "recall@1"
+  assert tuple(c.eval.metrics) == ("recall", "map@r")
+
+
+def test_demo_recipe_equals_its_stated_values():
+  c, d = _load(os.path.join(CONFIG_DIR, "demo.py")), DEMO
+  _common_proxy_anchor_recipe(c)
+  assert (c.seed, c.num_epochs, c.dataset.name) == (d["seed"], d["num_epochs"], d["dataset"])
+  assert (c.dataset.image_size, c.dataset.resize_size) == (d["image_size"], d["resize_size"])
+  assert (c.data.batch_size, c.data.eval_batch_size, tuple(c.data.scale), c.data.flip) == (
+      d["batch"], d["eval_batch"], d["scale"], d["flip"])
+  o = c.model.backbone_overrides
+  assert (o.img_size, o.patch_size, o.depth, o.embed_dim, o.num_heads) == (
+      d["image_size"], d["patch"], d["depth"], d["width"], d["heads"])
+  assert c.model.weights == "" and c.model.embedding_dim == d["embedding"] and c.method.head == "linear"
+  assert (c.optim.lr, c.optim.weight_decay, c.optim.schedule.t_max, c.optim.schedule.eta_min) == (
+      d["lr"], d["weight_decay"], d["t_max"], d["eta_min"])
+  assert c.optim.groups == (("loss/.*", dict(name="proxies", lr_mult=100.0)),)
+  assert c.eval.before_training is True and c.eval.every_epochs == d["eval_every"] and c.eval.protocol == ""
+  doc = " ".join(open(os.path.join(CONFIG_DIR, "demo.py")).read().split('"""')[1].split())
+  for stated in ("4x4 patches", "2 blocks of width 64", "64-d", "alpha 32, margin 0.1", "AdamW", "100x lr",
+                 "Digits 0-4 train, 5-9 test", "every 4 epochs"):
+    assert stated in doc, stated
+
+
+def test_folder_recipe_equals_its_stated_values():
+  c, f = _load(os.path.join(CONFIG_DIR, "folder_vits.py")), FOLDER
+  _common_proxy_anchor_recipe(c)
+  assert (c.seed, c.num_epochs, c.dataset.name, c.dataset.source) == (f["seed"], f["num_epochs"], "folder", "raw")
+  assert (c.dataset.image_size, c.dataset.resize_size) == (f["image_size"], f["resize_size"])
+  assert (c.dataset.folder.train_fraction, c.dataset.folder.classes_file_split) == (f["train_fraction"], "test")
+  assert (c.data.batch_size, tuple(c.data.scale), c.data.flip) == (f["batch"], f["scale"], True)
+  # timm's pretrained_cfg of the AugReg weights: bicubic resizing.
+  assert c.data.interpolation == "bicubic" and c.model.backbone == "vit_small_patch16_224.augreg_in21k"
+  from dml_jax.backbones.registry import get_pretrained_cfg
+
+  cfg = get_pretrained_cfg(c.model.backbone)
+  assert (tuple(cfg.mean), tuple(cfg.std), cfg.interpolation) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
+  assert c.model.embedding_dim == f["embedding"] and c.method.head == "linear"
+  assert (c.optim.lr, c.optim.weight_decay, c.optim.schedule.t_max, c.optim.schedule.eta_min) == (
+      f["lr"], f["weight_decay"], f["num_epochs"], f["eta_min"])
+  assert c.optim.groups == (("model/backbone/.*", dict(name="backbone", start_epoch=f["warmup"])),
+                            ("loss/.*", dict(name="proxies", lr_mult=100.0, weight_decay=0.0)),
+                            ("model/head/.*", dict(name="head", lr_mult=f["head_mult"])))
+  assert (c.eval.protocol, c.eval.select_on, c.eval.every_epochs, c.eval.before_training) == ("folder", "test", 1, True)
+  doc = " ".join(open(os.path.join(CONFIG_DIR, "folder_vits.py")).read().split('"""')[1].split())
+  for stated in ("224 px, batch 32", "Linear(384 -> 384)", "alpha 32, margin 0.1", "AdamW lr 2e-5",
+                 "weight decay 0.05", "head x10, proxies x100", "one warm-up epoch", "cosine decay over 30 epochs",
+                 "gradient clamp 10", "scale 0.25-1"):
+    assert stated in doc, stated
+  check_config(c)
