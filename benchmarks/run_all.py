@@ -31,6 +31,9 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str] | None]] = {
     "train_step": ("train_step.py", ["--quick"],
                    ["--models", "vit_s16", "vit_s16_vptsp", "resnet50", "--batch", "16", "--steps", "8", "--warmup",
                     "2", "--out", "docs/benchmarks/train_step.md"]),
+    "dnc_recluster": ("dnc_recluster.py", ["--quick"],
+                      ["--repeats", "2", "--out", "docs/benchmarks/dnc_recluster.md"]),
+    "proxy_isa_step": ("proxy_isa_step.py", ["--quick"], ["--out", "docs/benchmarks/proxy_isa.md"]),
 }
 
 
