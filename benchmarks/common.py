@@ -14,7 +14,7 @@ import shlex
 import statistics
 import subprocess
 import sys
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "grain", "faiss-cpu", "torch", "torchvision", "timm",
@@ -58,8 +58,9 @@ def stamp(argv: Sequence[str] | None = None) -> dict:
   if os.path.exists("/proc/cpuinfo"):
     with open("/proc/cpuinfo") as f:
       cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-  modified = _git("status", "--porcelain", "--untracked-files=no")
-  return dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+  # Tracked files that differ from the commit, the benchmark records themselves (docs/) aside.
+  modified = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)docs")
+  return dict(date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
               commit=_git("rev-parse", "--short", "HEAD") + (" (modified)" if modified and modified != "?" else ""),
               command=command_line(argv), python=platform.python_version(),
               machine=f"{platform.machine()}, {os.cpu_count()} CPUs ({cpu})",

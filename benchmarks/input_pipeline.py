@@ -138,7 +138,8 @@ def main() -> None:
     prep_s = time.perf_counter() - t0
     prepared = load_dataset("cub200", os.path.join(workdir, "prepared"), source="prepared").train
     shards = os.path.join(workdir, "prepared", "cub200")
-    prep_mb = sum(os.path.getsize(os.path.join(shards, f)) for f in os.listdir(shards) if f.startswith("train-")) / 2**20
+    prep_mb = sum(os.path.getsize(os.path.join(shards, f)) for f in os.listdir(shards)
+                  if f.startswith("train-")) / 2**20
 
     # torchvision first in every round: its DataLoader forks workers, best before grain starts threads.
     pipelines = [
@@ -173,8 +174,8 @@ def main() -> None:
       f"both splits in {prep_s:.1f} s). grain threads: {args.num_threads}. Each pass reads {args.batches} batches "
       f"({args.batches * args.batch_size / max(len(records), 1):.1f} epochs); {args.repeats} passes per pipeline.",
       "",
-      *common.table(["pipeline", "images/s after the first batch, min / median / max", "first batch s, min / median / max"],
-                    rows, "lrr"),
+      *common.table(["pipeline", "images/s after the first batch, min / median / max",
+                     "first batch s, min / median / max"], rows, "lrr"),
       "",
       "Draft decoding lets libjpeg decode at 1/2-1/8 scale when the random crop keeps enough pixels; prepared "
       "shards hold images already shrunk to a 256-pixel shorter side, so an epoch decodes fewer pixels and reads "

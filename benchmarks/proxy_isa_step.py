@@ -156,27 +156,6 @@ def run_torch(batch: int, dim: int, classes: int, memory: int, steps: int, warmu
   return results
 
 
-def _git_commit() -> str:
-  try:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                            check=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                           text=True).stdout.strip()
-    return commit + (" (with uncommitted changes)" if dirty else "")
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
-
-
-def _machine() -> str:
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores ({cpu})"
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--classes", type=int, nargs="+", default=[100, 11318], help="C (11,318: SOP's training classes)")
@@ -202,7 +181,9 @@ def main() -> None:
     print("RESULT " + json.dumps(fn(args.batch, args.dim, int(classes), args.memory, args.steps, args.warmup)))
     return
 
-  command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
+  from benchmarks import common
+
+  doc_stamp = common.stamp()
   load_before = os.getloadavg()
   started = datetime.datetime.now(datetime.UTC)
   rows = []
@@ -225,12 +206,9 @@ def main() -> None:
   versions = [f"Python {platform.python_version()}", f"numpy {numpy.__version__}"]
   versions += sorted({r["versions"] for _, _, r in rows})
   lines = ["# Proxy-ISA step: the memory's cost, dml_jax vs the torch re-creation", "",
-           f"Date: {started:%Y-%m-%d %H:%M} UTC. Commit: {_git_commit()}. Machine: {_machine()}. "
-           f"Devices: " + "; ".join(sorted({f'{impl} on {r["device"]}' for _, impl, r in rows})) + ". "
-           f"Versions: {', '.join(versions)}.", "",
-           f"Load average (1, 5, 15 min) before: {load_before[0]:.2f}, {load_before[1]:.2f}, {load_before[2]:.2f}; "
-           f"after: {load_after[0]:.2f}, {load_after[1]:.2f}, {load_after[2]:.2f}.", "",
-           f"Command: `{command}`", ""]
+           *common.stamp_lines(doc_stamp, load_after[0]),
+           "- devices: " + "; ".join(sorted({f'{impl} on {r["device"]}' for _, impl, r in rows}))
+           + f" ({', '.join(versions)}); started {started:%H:%M} UTC", ""]
   if max(load_before[0], load_after[0]) > (os.cpu_count() or 1):
     lines += ["**Measured under load** (the 1-minute load average exceeded the core count): the times are "
               "inflated and noisy; compare rows of this table, not runs.", ""]

@@ -31,8 +31,13 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str] | None]] = {
     "train_step": ("train_step.py", ["--quick"],
                    ["--models", "vit_s16", "vit_s16_vptsp", "resnet50", "--batch", "16", "--steps", "8", "--warmup",
                     "2", "--out", "docs/benchmarks/train_step.md"]),
+    "train_step_profile": ("train_step.py", ["--quick", "--models", "vit_s16", "--steps", "1", "--trace",
+                                             "/tmp/dml_jax_trace_quick"],
+                           ["--models", "vit_s16", "resnet50", "--batch", "8", "--steps", "3", "--warmup", "1",
+                            "--trace", "/tmp/dml_jax_trace", "--out", "docs/benchmarks/train_step_profile.md"]),
     "dnc_recluster": ("dnc_recluster.py", ["--quick"],
-                      ["--repeats", "2", "--out", "docs/benchmarks/dnc_recluster.md"]),
+                      ["--num_items", "20000", "--num_classes", "3800", "--repeats", "2", "--out",
+                       "docs/benchmarks/dnc_recluster.md"]),
     "proxy_isa_step": ("proxy_isa_step.py", ["--quick"], ["--out", "docs/benchmarks/proxy_isa.md"]),
 }
 

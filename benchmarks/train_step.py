@@ -630,7 +630,8 @@ def main() -> None:
     raise SystemExit(f"failed: {', '.join(failed)}")
 
 
-_TITLES = {"vit_s16": "ViT-S/16, full fine-tuning (Proxy-Anchor)", "resnet50": "ResNet-50, full fine-tuning (Proxy-Anchor)",
+_TITLES = {"vit_s16": "ViT-S/16, full fine-tuning (Proxy-Anchor)",
+           "resnet50": "ResNet-50, full fine-tuning (Proxy-Anchor)",
            "vit_s16_vptsp": "ViT-S/16, VPTSP-G prompt tuning (Cars196 ViT-S recipe)"}
 
 
@@ -652,10 +653,10 @@ def markdown(stamp: dict, args, rows: list[dict], results: list[dict], failed: l
       verdict = (f"ours is **slower**: {mid:.2f}x torch's step time" if mid > 1.05 else
                  f"ours is faster: {mid:.2f}x torch's step time" if mid < 0.95 else
                  f"ours and torch are level ({mid:.2f}x)")
+      torch_row = next(r for r in rows if r["model"] == row["model"] and r["impl"] == "torch")
       sentences.append(f"- {_TITLES[row['model']]}: {verdict} (paired median over {len(ratios)} rounds, "
                        f"range {lo:.2f}-{hi:.2f}; CPU seconds per step {row['cpu_s_per_step']:.2f} ours against "
-                       f"{next(r for r in rows if r['model'] == row['model'] and r['impl'] == 'torch')['cpu_s_per_step']:.2f} "
-                       f"torch).")
+                       f"{torch_row['cpu_s_per_step']:.2f} torch).")
     per_round = [r["load1"] for r in result["rounds"]]
     table_rows.append((_TITLES[row["model"]], row["impl"], f"{row['trainable']:,}" if row["trainable"] else "-",
                        f"{row['build_s']:.1f}" if row.get("build_s") is not None else "-",

@@ -216,7 +216,8 @@ def test_every_config_has_a_literal_value_test():
 
   configs = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CONFIG_DIR, "*.py")))
   uncovered = [c for c in configs if not any(fnmatch.fnmatch(c, pattern) for pattern in RECIPE_TESTS)]
-  assert not uncovered, f"configs without a literal-value recipe test (add one and list it in RECIPE_TESTS): {uncovered}"
+  assert not uncovered, (f"configs without a literal-value recipe test (add one and list it in RECIPE_TESTS): "
+                         f"{uncovered}")
   tests_dir = os.path.dirname(__file__)
   for pattern, target in RECIPE_TESTS.items():
     if not any(fnmatch.fnmatch(c, pattern) for c in configs):
