@@ -29,7 +29,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str] | None]] = {
                      ["--cases", "sop", "--num_items", "20000", "--num_classes", "3740", "--impls", "ours_auto",
                       "ours_jax", "pml", "--repeats", "3", "--out", "docs/benchmarks/eval_metrics.md"]),
     "train_step": ("train_step.py", ["--quick"],
-                   ["--models", "vit_s16", "vit_s16_vptsp", "resnet50", "--batch", "16", "--steps", "8", "--warmup",
+                   ["--models", "vit_s16", "vit_s16_vptsp", "resnet50", "--batch", "8", "--steps", "6", "--warmup",
                     "2", "--out", "docs/benchmarks/train_step.md"]),
     "train_step_profile": ("train_step.py", ["--quick", "--models", "vit_s16", "--steps", "1", "--trace",
                                              "/tmp/dml_jax_trace_quick"],
