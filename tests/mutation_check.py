@@ -14,6 +14,7 @@ tree) gets the edit and pytest runs the mutant's tests there (the default, torch
   survived   the tests pass: a test is missing, unless the mutant is marked `equivalent` (a change no test
              can observe; the reason is given here and in docs/testing.md)
   stale      `old` is no longer in the file exactly once: the source moved on; update the mutant
+  absent     the mutant's file is not in this checkout (a method still on its branch); not a failure
   error      pytest found no test or failed otherwise (a selection that no longer exists)
   timeout    the run exceeded --timeout
   not run    the total --budget was spent before the mutant ran (or finished)
@@ -286,21 +287,31 @@ MUTANTS: tuple[Mutant, ...] = (
        "tests/test_proxy_isa.py::test_steps_over_both_switches_match_the_torch_reference",
        "negative pairs below the threshold not damped by 1 / E(n)"),
     # -- methods: Divide & Conquer --------------------------------------------------------------------------
-    _m("dnc_relabel_intended_matching", "method:dnc", "dml_jax/methods/divide_and_conquer.py",
+    _m("dnc_relabel_intended_matching", "method:divide_and_conquer", "dml_jax/methods/divide_and_conquer.py",
        "def relabel_to_previous(current: np.ndarray, previous: np.ndarray, *, inverse_bug: bool = True)",
        "def relabel_to_previous(current: np.ndarray, previous: np.ndarray, *, inverse_bug: bool = False)",
        ("tests/test_divide_and_conquer.py::test_relabelling_quirk_on_a_cycle",
         "tests/test_divide_and_conquer.py::test_reclustering_equals_the_codes"),
        "the Hungarian relabelling applied as the intended matching, not the code's inverse permutation"),
-    _m("dnc_overlap_counts_self_pairs", "method:dnc", "dml_jax/methods/divide_and_conquer.py",
+    _m("dnc_overlap_counts_self_pairs", "method:divide_and_conquer", "dml_jax/methods/divide_and_conquer.py",
        "  pairs = active[:, None] & active[None, :] & ~jnp.eye(masks.shape[0], dtype=bool)",
        "  pairs = active[:, None] & active[None, :]",
        "tests/test_divide_and_conquer.py::test_masks_regulariser_and_updates_match_torch",
        "the masks' overlap regulariser also averaging each mask with itself"),
-    _m("dnc_overlap_without_relu", "method:dnc", "dml_jax/methods/divide_and_conquer.py",
+    _m("dnc_overlap_without_relu", "method:divide_and_conquer", "dml_jax/methods/divide_and_conquer.py",
        "  m = jax.nn.relu(masks) if relu else masks\n", "  m = masks\n",
        "tests/test_divide_and_conquer.py::test_masks_regulariser_and_updates_match_torch",
        "the overlap regulariser on the raw masks instead of their ReLU"),
+    # -- methods: DADA and DFML (written against their branches; 'absent' until merged) ------------------------
+    _m("dada_discrepancy_sign", "method:dada", "dml_jax/methods/dada.py",
+       "    loss = (1.0 - r) * terms.domain + r * (terms.category - terms.discrepancy)",
+       "    loss = (1.0 - r) * terms.domain + r * (terms.category + terms.discrepancy)",
+       "tests/test_dada.py::test_discriminator_objective_matches_torch",
+       "the discriminators' objective adding the category discrepancy instead of subtracting it"),
+    _m("dfml_distillation_not_detached", "method:dfml", "dml_jax/methods/dfml.py",
+       "factorized_vit.safe_norm(m2 - jax.lax.stop_gradient(m1))", "factorized_vit.safe_norm(m2 - m1)",
+       "tests/test_dfml.py::test_gradient_paths_follow_the_codes_detach_points",
+       "the distillation target (the full stream) not detached: the teacher learns from the student"),
     # -- methods: VPTSP-G -----------------------------------------------------------------------------------
     _m("vptsp_rnn_dropout_not_applied", "method:vptsp", VPTSP, "        if drop > 0:  # torch nn.Dropout",
        "        if drop > 1:  # torch nn.Dropout", T_VPTSP_GRU,
@@ -404,6 +415,9 @@ def run(mutants: list[Mutant], *, full: bool, jobs: int, timeout: float, budget:
   results: list[dict] = []
   runnable = []
   for m in mutants:
+    if not (REPO / m.path).is_file():
+      results.append(dict(name=m.name, area=m.area, outcome="absent", seconds=0.0, detail=f"no {m.path}"))
+      continue
     problem = check_applies(m)
     if problem:
       results.append(dict(name=m.name, area=m.area, outcome="stale", seconds=0.0, detail=problem))
@@ -512,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
   counts: dict[str, int] = {}
   for r in results:
     counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
-  bad = [r for r in results if r["outcome"] not in ("caught", "survived (equivalent)")]
+  bad = [r for r in results if r["outcome"] not in ("caught", "survived (equivalent)", "absent")]
   equivalent_caught = [r for r in results if r["outcome"] == "caught" and
                        next(m for m in MUTANTS if m.name == r["name"]).equivalent]
   print(f"\n{len(results)} mutants in {time.monotonic() - start:.0f} s: "

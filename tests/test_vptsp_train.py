@@ -275,9 +275,15 @@ def test_digits_demo_recall_rises_and_the_vit_stays_frozen(tmp_path):
   summary = loop.fit(digits_config(weights), tmp_path / "run")
   before, after = summary["history"][0], summary["history"][-1]
   assert before["epoch"] == "before" and after["epoch"] == 3
-  # Measured on this machine: recall@1 0.830 -> 0.844, class-size MAP@R 0.186 -> 0.213.
-  assert after["recall@1"] > before["recall@1"] + 0.008, summary["history"]
-  assert after["map@r"] > before["map@r"] + 0.015, summary["history"]
+  # Measured on this machine: training loss 9.10 -> 7.40 (first and last logged, -19 %), class-size MAP@R
+  # 0.186 -> 0.213, recall@1 0.830 -> 0.844. A recall@1 threshold would sit within a few test images of the
+  # measured rise, so the learning check is on the loss (a large, smooth effect: a step that does not train the
+  # prompts or the proxies leaves it within a few %) and on MAP@R (half the measured rise); recall@1 must not fall.
+  records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  losses = [r["loss"] for r in records if r["kind"] == "train"]
+  assert len(losses) >= 4 and losses[-1] < 0.9 * losses[0], losses
+  assert after["map@r"] > before["map@r"] + 0.0135, summary["history"]
+  assert after["recall@1"] >= before["recall@1"], summary["history"]
 
   # The frozen ViT weights of the last checkpoint are the converted file's, bit for bit; the biases moved.
   loaded = dict(np.load(weights / "params.npz"))
