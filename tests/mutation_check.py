@@ -310,7 +310,7 @@ MUTANTS: tuple[Mutant, ...] = (
        "the discriminators' objective adding the category discrepancy instead of subtracting it"),
     _m("dfml_distillation_not_detached", "method:dfml", "dml_jax/methods/dfml.py",
        "factorized_vit.safe_norm(m2 - jax.lax.stop_gradient(m1))", "factorized_vit.safe_norm(m2 - m1)",
-       "tests/test_dfml.py::test_gradient_paths_follow_the_codes_detach_points",
+       "tests/test_dfml.py::test_golden_numbers_of_the_authors_code",
        "the distillation target (the full stream) not detached: the teacher learns from the student"),
     # -- methods: VPTSP-G -----------------------------------------------------------------------------------
     _m("vptsp_rnn_dropout_not_applied", "method:vptsp", VPTSP, "        if drop > 0:  # torch nn.Dropout",

@@ -276,9 +276,10 @@ def test_digits_demo_recall_rises_and_the_vit_stays_frozen(tmp_path):
   before, after = summary["history"][0], summary["history"][-1]
   assert before["epoch"] == "before" and after["epoch"] == 3
   # Measured on this machine: training loss 9.10 -> 7.40 (first and last logged, -19 %), class-size MAP@R
-  # 0.186 -> 0.213, recall@1 0.830 -> 0.844. A recall@1 threshold would sit within a few test images of the
-  # measured rise, so the learning check is on the loss (a large, smooth effect: a step that does not train the
-  # prompts or the proxies leaves it within a few %) and on MAP@R (half the measured rise); recall@1 must not fall.
+  # 0.186 -> 0.213, recall@1 0.830 -> 0.844; the same run with every rate at 1e-12: loss 10.11 -> 9.96 (-1.5 %),
+  # MAP@R and recall@1 unchanged. A recall@1 threshold would sit within a few test images of the measured rise, so
+  # the learning check is on the loss (the 10 % bound lies well between the two runs) and on MAP@R (half the
+  # measured rise); recall@1 must not fall.
   records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   losses = [r["loss"] for r in records if r["kind"] == "train"]
   assert len(losses) >= 4 and losses[-1] < 0.9 * losses[0], losses
