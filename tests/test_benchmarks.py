@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pathlib
 import re
-
-from benchmarks import assemble_docs, run_all
+import sys
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # benchmarks/ is not an installed package
+
+from benchmarks import assemble_docs, run_all  # noqa: E402
 
 
 def test_every_benchmark_script_is_in_run_all_with_a_quick_mode():
