@@ -15,7 +15,8 @@ element-wise gradient clamp 10, AdamW (wd 1e-4 on everything, proxies at 100x lr
 
 Each (method, implementation) runs in its own subprocess. Reported per row: min / median / max seconds per
 step over --steps timed steps after --warmup untimed ones (which include compilation), images/s at the
-median, process CPU seconds per step. The output is stamped with the date, git commit, machine, load average
+median, process CPU seconds per step, and the step's floating-point work (ours: XLA's cost analysis of the
+compiled step, every op; torch: torch.utils.flop_counter, matmuls and convolutions only). The output is stamped with the date, git commit, machine, load average
 before and after, versions and the exact command.
 
   python benchmarks/dfml_step.py --batch 8 --steps 3 --warmup 1 --md /tmp/dfml_step.md
@@ -100,14 +101,21 @@ def run_ours(method: str, batch: int, steps: int, warmup: int, dtype: str) -> di
                                "label": rng.integers(0, NUM_CLASSES, size=batch).astype(np.int32),
                                "index": np.arange(batch, dtype=np.int32)}, mesh)
   lrs, epoch = step_lib.learning_rate_args(groups, 0)
-  update = cache.update_fn(groups, 0)
+  # Compiled once, ahead of time, so that XLA's cost analysis describes the very executable that is timed.
+  t0 = time.perf_counter()
+  update = cache.update_fn(groups, 0).lower(state, data, lrs, epoch).compile()
+  cost = update.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   holder = {"state": state}
 
   def step():
     holder["state"], metrics = update(holder["state"], data, lrs, epoch)
     return metrics["loss"]
 
+  compile_s = time.perf_counter() - t0
   out = _timed(step, jax.block_until_ready, steps, warmup)
+  out["warmup_s"] += compile_s  # the compilation is part of the first steps, as for a jitted call
+  out["gflop"] = float(cost.get("flops", float("nan"))) / 1e9
   dev = jax.devices()[0]
   out.update(device=f"{dev.platform} x{mesh.size} ({dev.device_kind})",
              trainable=sum(int(v.size) for v in tree_lib.flatten(params).values()))
@@ -269,7 +277,12 @@ def run_torch(method: str, batch: int, steps: int, warmup: int, dtype: str) -> d
     if device == "cuda":
       torch.cuda.synchronize()
 
+  from torch.utils.flop_counter import FlopCounterMode
+  counter = FlopCounterMode(display=False)
+  with counter:  # one extra step, counted (matmuls and convolutions, forward and backward)
+    step()
   out = _timed(step, sync, steps, warmup)
+  out["gflop"] = counter.get_total_flops() / 1e9
   out.update(device=torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads",
              trainable=sum(p.numel() for p in net.parameters()) + proxies.numel())
   return out
@@ -347,17 +360,20 @@ def main() -> None:
           f"Versions: {_versions()}.", f"Command: `{command}`", "",
           f"Batch {args.batch}, 224 px, {args.dtype}, {args.steps} timed steps after {args.warmup} untimed.", "",
           "| method | impl | device | s/step min | median | max | images/s | CPU s/step | first steps s | "
-          "trainable | loss |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+          "GFLOP/step | trainable | loss |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     t = r["times"]
     med = statistics.median(t)
     head.append(f"| {r['method']} | {r['impl']} | {r['device']} | {min(t):.3f} | {med:.3f} | {max(t):.3f} | "
-                f"{args.batch / med:.1f} | {r['cpu_per_step']:.2f} | {r['warmup_s']:.1f} | {r['trainable']:,} | "
-                f"{r['loss']:.4f} |")
+                f"{args.batch / med:.1f} | {r['cpu_per_step']:.2f} | {r['warmup_s']:.1f} | {r['gflop']:.1f} | "
+                f"{r['trainable']:,} | {r['loss']:.4f} |")
   by = {(r["method"], r["impl"]): statistics.median(r["times"]) for r in rows}
+  flops = {(r["method"], r["impl"]): r["gflop"] for r in rows}
+  head.append("")
   for impl in args.impls:
     if ("pa", impl) in by and ("dfml", impl) in by:
-      head.append(f"\n{impl}: DFML step / Proxy-Anchor step = {by[('dfml', impl)] / by[('pa', impl)]:.2f}")
+      head.append(f"{impl}: DFML step / Proxy-Anchor step = {by[('dfml', impl)] / by[('pa', impl)]:.2f} in time, "
+                  f"{flops[('dfml', impl)] / flops[('pa', impl)]:.2f} in GFLOP")
   for method in args.methods:
     if (method, "ours") in by and (method, "torch") in by:
       head.append(f"{method}: torch / ours = {by[(method, 'torch')] / by[(method, 'ours')]:.2f}")
