@@ -40,6 +40,7 @@ def _base(method: str) -> ml_collections.ConfigDict:
   c.log.every_steps = 1
   c.log.progress = False
   c.log.tensorboard = False
+  c.log.plots = False
   return c
 
 

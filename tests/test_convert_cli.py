@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -217,16 +218,31 @@ def test_timm_name_source_takes_timms_state_dict_and_cfg(tmp_path, capsys, monke
 def test_timm_name_offline_points_to_checkpoint(tmp_path, capsys, monkeypatch):
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   rc, _, err = _run_cli(capsys, "--model", "vit_small_patch16_224.augreg_in21k", "--out", tmp_path / "w", *TINY_ARGS)
-  assert rc == 1
-  assert "--checkpoint" in err and "vit_small_patch16_224.augreg_in21k" in err
+  assert rc == 2
+  assert "--checkpoint" in err and "vit_small_patch16_224.augreg_in21k" in err and "HF_HUB_OFFLINE is set" in err
+  assert err.count("\n") == 1 and err.startswith("error: ")  # one line, no traceback
   assert not (tmp_path / "w").exists()
+
+
+def test_timm_name_without_network_fails_fast(tmp_path, capsys, monkeypatch):
+  # HF_HUB_OFFLINE unset and no network: the hub client would retry for about a minute; the converter
+  # probes the hub once and reads only the cache.
+  from dml_jax.convert import sources
+
+  monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+  monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+  monkeypatch.setattr(sources, "hub_reachable", lambda timeout=3.0: False)
+  start = time.monotonic()
+  rc, _, err = _run_cli(capsys, "--model", "vit_small_patch16_224.augreg_in21k", "--out", tmp_path / "w", *TINY_ARGS)
+  assert rc == 2 and time.monotonic() - start < 20
+  assert "no network" in err and str(tmp_path / "empty_cache") in err and "--checkpoint FILE" in err
 
 
 def test_bninception_needs_a_local_checkpoint(tmp_path, capsys):
   names = [n for n in list_models() if get_entry(n).family == "bninception"]
   assert names, "no backbone of family 'bninception' is registered"
   rc, _, err = _run_cli(capsys, "--model", names[0], "--out", tmp_path / "w")
-  assert rc == 1 and "timm has no BN-Inception" in err and "--checkpoint" in err
+  assert rc == 2 and "timm has no BN-Inception" in err and "--checkpoint" in err
 
 
 def test_resnet_checkpoint_as_vit_lists_keys(tmp_path, capsys):
@@ -234,7 +250,7 @@ def test_resnet_checkpoint_as_vit_lists_keys(tmp_path, capsys):
   torch.save(resnet.state_dict(), tmp_path / "resnet.pth")
   rc, _, err = _run_cli(capsys, "--model", "vit_small_patch16_224", "--checkpoint", tmp_path / "resnet.pth",
                         "--out", tmp_path / "w")
-  assert rc == 1
+  assert rc == 2
   assert "missing keys" in err and "cls_token" in err and "blocks.0.attn.qkv.weight" in err
   assert "unexpected keys" in err and "fc.weight" in err
   assert not (tmp_path / "w").exists()
@@ -243,7 +259,7 @@ def test_resnet_checkpoint_as_vit_lists_keys(tmp_path, capsys):
 def test_vit_s_checkpoint_as_vit_b_lists_misshaped_keys(vit_s_checkpoint, tmp_path, capsys):
   _, path = vit_s_checkpoint
   rc, _, err = _run_cli(capsys, "--model", "vit_base_patch16_224", "--checkpoint", path, "--out", tmp_path / "w")
-  assert rc == 1
+  assert rc == 2
   assert "mis-shaped keys (150)" in err  # every parameter: all have the width in their shape
   assert "blocks/0/attn/qkv/kernel: file (384, 1152) vs model (768, 2304)" in err
 
@@ -272,25 +288,62 @@ def test_strictness_and_bad_files(tmp_path, capsys):
   torch.save(sd, tmp_path / "bad.pth")
   rc, _, err = _run_cli(capsys, "--model", "vit_small_patch16_224", "--checkpoint", tmp_path / "bad.pth", "--out",
                         tmp_path / "w", *TINY_ARGS)
-  assert rc == 1
+  assert rc == 2
   assert "missing keys (1): blocks.1.mlp.fc2.bias" in err and "unexpected keys (1): blocks.5.norm1.weight" in err
   torch.save({"weights": sd, "note": "not a tensor"}, tmp_path / "odd.pth")
   rc, _, err = _run_cli(capsys, "--model", "vit_small_patch16_224", "--checkpoint", tmp_path / "odd.pth", "--out",
                         tmp_path / "w", *TINY_ARGS)
-  assert rc == 1 and "not tensors" in err and "weights (dict)" in err
+  assert rc == 2 and "not tensors" in err and "weights (dict)" in err
   (tmp_path / "w.ckpt").write_bytes(b"")
   rc, _, err = _run_cli(capsys, "--model", "vit_small_patch16_224", "--checkpoint", tmp_path / "w.ckpt", "--out",
                         tmp_path / "w")
-  assert rc == 1 and "unknown checkpoint type '.ckpt'" in err
+  assert rc == 2 and "unknown checkpoint type '.ckpt'" in err
   rc, _, err = _run_cli(capsys, "--model", "vit_small_patch16_224", "--checkpoint", tmp_path / "none.pth", "--out",
                         tmp_path / "w")
-  assert rc == 1 and "not found" in err
+  assert rc == 2 and "not found" in err
   rc, _, err = _run_cli(capsys, "--model", "vit_small_patch16_224.no_such_tag", "--checkpoint", tmp_path / "bad.pth",
                         "--out", tmp_path / "w")
-  assert rc == 1 and "unknown pretrained tag 'no_such_tag'" in err
+  assert rc == 2 and "unknown pretrained tag 'no_such_tag'" in err
   assert not (tmp_path / "w").exists()
   with open(tmp_path / "tiny.json", "w") as f:  # a file that is no archive of any kind
     json.dump({}, f)
   rc, _, err = _run_cli(capsys, "--model", "vit_small_patch16_224", "--checkpoint", tmp_path / "tiny.json", "--out",
                         tmp_path / "w")
-  assert rc == 1 and "unknown checkpoint type '.json'" in err
+  assert rc == 2 and "unknown checkpoint type '.json'" in err
+
+
+def test_out_refuses_what_is_not_a_weights_directory(tmp_path, capsys, monkeypatch, vit_s_checkpoint):
+  _, checkpoint = vit_s_checkpoint
+  weights = tmp_path / "weights"
+  (weights / "vit_b16").mkdir(parents=True)
+  (weights / "vit_b16" / "params.npz").write_bytes(b"keep me")
+  (weights / "notes.txt").write_text("keep me too")
+  rc, _, err = _run_cli(capsys, "--model", "vit_small_patch16_224", "--checkpoint", checkpoint, "--out", weights)
+  assert rc == 2 and "holds other files (notes.txt, vit_b16)" in err
+  monkeypatch.chdir(weights / "vit_b16")
+  for out in (weights, ".", "..", weights / "notes.txt"):
+    rc, _, err = _run_cli(capsys, "--model", "vit_small_patch16_224", "--checkpoint", checkpoint, "--out", out)
+    assert rc == 2, out
+    assert err.startswith("error: refusing --out") and err.count("\n") == 1, err
+  assert (weights / "vit_b16" / "params.npz").read_bytes() == b"keep me"
+  assert (weights / "notes.txt").read_text() == "keep me too"
+  assert sorted(os.listdir(weights)) == ["notes.txt", "vit_b16"]  # no temporary folder left either
+
+
+def test_out_replaces_an_empty_folder_or_a_weights_directory(tmp_path, vit_s_dir):
+  from dml_jax.convert.weights_dir import check_out_dir, is_weights_dir
+
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  assert check_out_dir(empty) == empty
+  assert is_weights_dir(vit_s_dir) and check_out_dir(vit_s_dir) == vit_s_dir
+  flat = {"a": np.zeros(3, np.float32)}
+  cfg = PretrainedCfg(mean=(0.5,) * 3, std=(0.5,) * 3)
+  for out in (empty, tmp_path / "new"):
+    write_weights_dir(out, model_name="m", family="vit", arch={}, flat=flat, pretrained_cfg=cfg, source="s",
+                      dropped_keys=[])
+    assert is_weights_dir(out)
+  write_weights_dir(tmp_path / "new", model_name="m2", family="vit", arch={}, flat=flat, pretrained_cfg=cfg,
+                    source="s2", dropped_keys=[])
+  assert read_weights_dir(tmp_path / "new")[0]["model"] == "m2"
+  assert sorted(os.listdir(tmp_path)) == ["empty", "new"]  # the old copy and the temporary folder are gone

@@ -84,7 +84,7 @@ def test_prepare_and_verify_cli(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "prepared" in out and "0 unreadable" in out
   assert cli_main(["verify", "--dataset", "cars196", "--data_root", str(tmp_path / "out"), "--source",
-                   "prepared"]) == 1
+                   "prepared"]) == 2  # one `error:` line: no prepared cars196 there
   # A record decodes from the shard bytes alone.
   prep = load_dataset("sop", str(tmp_path / "out"))
   img = Image.open(io.BytesIO(prep.train.read_source(0)))

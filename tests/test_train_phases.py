@@ -74,10 +74,11 @@ def test_two_phase_step_equals_the_hand_written_optax_sequence():
   for batch in batches:
     state, metrics = cache.update_fn(groups, 0)(state, step_lib.shard_batch(batch, mesh), lrs, ep)
 
-  # The same by hand: optax.adam for the discriminator, optax.sgd (momentum) for the generator; repeat r of
-  # phase i uses fold_in(fold_in(fold_in(key, step), i), r).
+  # The same by hand: Adam for the discriminator (torch's bias correction, itself tested against torch in
+  # test_train_optim.py), optax.sgd (momentum) for the generator; repeat r of phase i uses
+  # fold_in(fold_in(fold_in(key, step), i), r).
   w_g, w_d = params["gen"]["w"], params["disc"]["w"]
-  adam, sgd = optax.adam(0.01), optax.sgd(0.05, momentum=0.9)
+  adam, sgd = optax.chain(optim.scale_by_torch_adam(), optax.scale(-0.01)), optax.sgd(0.05, momentum=0.9)
   s_d, s_g = adam.init(w_d), sgd.init(w_g)
   for step, batch in enumerate(batches):
     x = batch["x"]

@@ -249,7 +249,7 @@ def test_digits_demo_recall_rises_and_the_vit_stays_frozen(tmp_path):
 
   # The frozen ViT weights of the last checkpoint are the converted file's, bit for bit; the biases moved.
   loaded = dict(np.load(weights / "params.npz"))
-  state = ocp.StandardCheckpointer().restore(tmp_path.absolute() / "run" / "checkpoints" / "last" / "200" / "state")
+  state = ocp.StandardCheckpointer().restore(tmp_path.absolute() / "run" / "checkpoints" / "steps" / "200" / "state")
   final = tree_lib.flatten(state["params"])
   for name, value in loaded.items():
     ours = np.asarray(final[f"model/backbone/{name}"])
@@ -327,7 +327,7 @@ def test_memory_bank_trains_in_the_trainer_and_resumes_exactly(tmp_path, capsys)
     return [(r["step"], r["loss"]) for r in map(json.loads, lines) if r["kind"] == "train"]
 
   assert [s for s, _ in losses("full")] == [1, 2, 3, 4] and losses("full") == losses("resumed")
-  mngr = ocp.CheckpointManager((tmp_path / "full").absolute() / "checkpoints" / "last")
+  mngr = ocp.CheckpointManager((tmp_path / "full").absolute() / "checkpoints" / "steps")
   host = mngr.restore(4, args=ocp.args.Composite(host=ocp.args.StandardRestore())).host
   mngr.close()
   from dml_jax import data as data_lib

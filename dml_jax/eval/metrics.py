@@ -21,6 +21,13 @@ rel_i = 1[label of the i-th neighbour == y]; R = number of gallery items labelle
   marp          D&C "mARP": sum_{i<=W} P(i) rel_i / (number of hits in the top W), 0 without hits,
                 W = min(R, marp_max_rank); averaged over ALL queries. D&C truncates In-Shop at the
                 top 50 (marp_max_rank=50); elsewhere W = R.
+
+Queries without a positive (R = 0, "lone"): the sources above differ, so no_positive='seeds' (the
+default) keeps each metric as its source computes it: recall@K, marp and the class-size MAP@R count a
+lone query as a miss (0 in the mean over all queries); precision@1, r_precision and the Musgrave MAP@R
+leave it out. no_positive='exclude' averages every metric over the queries with a positive,
+'miss' every metric over all queries (a lone query scores 0). A lone query scores 0 in every sum, so
+the three choices only change the divisor.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from typing import Sequence
 
 import numpy as np
 
+from dml_jax.errors import InvalidValueError, unknown_name
 from dml_jax.eval import knn as knn_lib
 from dml_jax.eval.kmeans import kmeans
 from dml_jax.losses.ops import l2_normalize
@@ -38,6 +46,7 @@ RETRIEVAL_METRICS = ("recall", "precision@1", "r_precision", "map@r", "marp")
 CLUSTERING_METRICS = ("nmi", "f1")
 MAP_R_VARIANTS = ("musgrave", "class_size")
 DISTANCES = ("cosine", "euclidean")
+NO_POSITIVE = ("seeds", "exclude", "miss")
 
 
 def parse_metric_names(metrics: Sequence[str]) -> tuple[list[str], list[int], list[str]]:
@@ -53,9 +62,10 @@ def parse_metric_names(metrics: Sequence[str]) -> tuple[list[str], list[int], li
       try:
         value = int(key.split("@", 1)[1])
       except ValueError:
-        raise ValueError(f"bad metric name {name!r}: expected recall@K with an integer K") from None
+        raise InvalidValueError(f"bad metric name {name!r}: expected recall@K with an integer K",
+                                "e.g. recall@1") from None
       if value < 1:
-        raise ValueError(f"bad metric name {name!r}: K must be >= 1")
+        raise InvalidValueError(f"bad metric name {name!r}: K must be >= 1", "e.g. recall@1")
       recall_ks.append(value)
       if "recall" not in retrieval:
         retrieval.append("recall")
@@ -66,8 +76,40 @@ def parse_metric_names(metrics: Sequence[str]) -> tuple[list[str], list[int], li
       if key not in clustering:
         clustering.append(key)
     else:
-      raise ValueError(f"unknown metric {name!r}; known: {', '.join(known)}")
+      # 'recal@1' should suggest 'recall@1', not the template 'recall@K'.
+      suffix = key.rsplit("@", 1)[-1] if "@" in key else ""
+      candidates = [f"recall@{suffix}" if k == "recall@K" and suffix.isdigit() else k for k in known]
+      raise unknown_name("metric", name, candidates, cls=InvalidValueError)
   return retrieval, recall_ks, clustering
+
+
+def no_positive_treatment(name: str, *, map_r_variant: str = "musgrave", no_positive: str = "seeds") -> str:
+  """'miss' or 'exclude': how metric `name` treats queries without a positive (module docstring)."""
+  if no_positive not in NO_POSITIVE:
+    raise InvalidValueError(f"no_positive must be one of {NO_POSITIVE}, got {no_positive!r}")
+  if no_positive != "seeds":
+    return no_positive
+  key = name.strip().lower()
+  if key.startswith("recall") or key == "marp" or (key == "map@r" and map_r_variant == "class_size"):
+    return "miss"
+  return "exclude"
+
+
+def count_without_positive(labels: np.ndarray, *, query_mask: np.ndarray | None = None,
+                           gallery_mask: np.ndarray | None = None) -> tuple[int, int]:
+  """(number of queries, number of queries without a positive) under retrieval_metrics' query/gallery rules."""
+  labels = np.asarray(labels)
+  num_rows = labels.shape[0]
+  if query_mask is None and gallery_mask is None:
+    query_mask = gallery_mask = np.ones(num_rows, bool)
+  elif query_mask is None:
+    query_mask = np.ones(num_rows, bool)
+  query_mask = np.asarray(query_mask, bool)
+  gallery_mask = ~query_mask if gallery_mask is None else np.asarray(gallery_mask, bool)
+  query_rows = np.flatnonzero(query_mask)
+  in_gallery = gallery_mask[query_rows].astype(np.int64)
+  relevant_count = _same_label_counts(labels[query_rows], labels[gallery_mask]) - in_gallery
+  return len(query_rows), int(np.sum(relevant_count <= 0))
 
 
 def _check_embeddings_and_labels(embeddings, labels) -> tuple[np.ndarray, np.ndarray]:
@@ -120,7 +162,8 @@ def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, *, query_mask:
                       metrics: Sequence[str] = ("recall", "r_precision", "map@r"),
                       recall_ks: Sequence[int] = (1, 2, 4, 8), map_r_variant: str = "musgrave",
                       marp_max_rank: int | None = None, distance: str = "cosine", backend: str = "auto",
-                      chunk_size: int = 1024, gallery_chunk_size: int = 32768) -> dict[str, float]:
+                      chunk_size: int = 1024, gallery_chunk_size: int = 32768,
+                      no_positive: str = "seeds") -> dict[str, float]:
   """Retrieval metrics of labelled embeddings (definitions in the module docstring).
 
   Args:
@@ -137,6 +180,7 @@ def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, *, query_mask:
       (raw embeddings, L2).
     backend: kNN backend, 'auto' | 'jax' | 'faiss'.
     chunk_size, gallery_chunk_size: kNN chunking (memory bound).
+    no_positive: 'seeds' | 'exclude' | 'miss': how queries without a positive count (module docstring).
 
   Returns:
     {'recall@K': ..., 'precision@1': ..., 'r_precision': ..., 'map@r': ..., 'marp': ...} for the
@@ -152,6 +196,8 @@ def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, *, query_mask:
     raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
   if marp_max_rank is not None and marp_max_rank < 1:
     raise ValueError("marp_max_rank must be >= 1 or None")
+  if no_positive not in NO_POSITIVE:
+    raise InvalidValueError(f"no_positive must be one of {NO_POSITIVE}, got {no_positive!r}")
   # A bare 'recall' takes recall_ks; 'recall@K' names add their own K only.
   bare_recall = any(name.strip().lower() == "recall" for name in metrics)
   recall_ks = sorted(set(named_ks) | (set(int(k) for k in recall_ks) if bare_recall else set()))
@@ -229,20 +275,18 @@ def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, *, query_mask:
 
   num_queries, num_not_lone = len(query_rows), int(not_lone.sum())
 
-  def mean_over_not_lone(total: float) -> float:
+  def mean(name: str, total: float) -> float:
+    # Lone queries add 0 to every total, so the treatment only picks the divisor.
+    if no_positive_treatment(name, map_r_variant=map_r_variant, no_positive=no_positive) == "miss":
+      return total / num_queries
     return total / num_not_lone if num_not_lone else math.nan
 
   results: dict[str, float] = {}
   for name in names:
     if name == "recall":
-      results.update({f"recall@{kk}": float(h) / num_queries for kk, h in zip(recall_ks, recall_hits)})
-    elif name in ("precision@1", "r_precision"):
-      results[name] = mean_over_not_lone(totals[name])
-    elif name == "map@r":
-      results[name] = (mean_over_not_lone(totals[name]) if map_r_variant == "musgrave"
-                       else totals[name] / num_queries)
-    elif name == "marp":
-      results[name] = totals[name] / num_queries
+      results.update({f"recall@{kk}": mean("recall", float(h)) for kk, h in zip(recall_ks, recall_hits)})
+    else:
+      results[name] = mean(name, totals[name])
   return results
 
 

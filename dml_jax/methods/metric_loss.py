@@ -23,6 +23,7 @@ stored in float32 but, when they are updated (bn_freeze off), computed from bflo
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import jax
@@ -31,6 +32,7 @@ import ml_collections
 from flax import nnx
 
 from dml_jax import losses
+from dml_jax.errors import InvalidValueError, unknown_name
 from dml_jax.losses.ops import l2_normalize
 from dml_jax.methods import modeling
 from dml_jax.methods.base import Method, StepInfo
@@ -51,6 +53,21 @@ def config() -> ml_collections.ConfigDict:
           param_options=ml_collections.ConfigDict(),  # keyword arguments of its parameter initialisers
       )),
   ))
+
+
+# Loss keyword arguments that scale logits or distances: 0 or less makes every loss degenerate.
+_POSITIVE_HPARAMS = ("alpha", "beta", "scale", "temperature")
+
+
+def _check_loss_hparams(spec: losses.LossSpec, hparams: dict) -> None:
+  """Unknown keyword arguments and non-positive scales of `config.method.loss.hparams`, before any work."""
+  accepted = [name for name, p in inspect.signature(spec.fn).parameters.items() if p.kind == p.KEYWORD_ONLY]
+  for name, value in hparams.items():
+    if name not in accepted:
+      raise unknown_name(f"{spec.name} loss argument (config.method.loss.hparams)", name, accepted)
+    if name in _POSITIVE_HPARAMS and isinstance(value, (int, float)) and not value > 0:
+      raise InvalidValueError(f"config.method.loss.hparams.{name} must be > 0, got {value!r}",
+                              f"e.g. --config.method.loss.hparams.{name}=32")
 
 
 class EmbeddingModel(nnx.Module):
@@ -98,7 +115,7 @@ class MetricLossMethod(Method):
   def __init__(self, config: Any, *, num_classes: int):
     o = config.method
     if o.head not in HEADS:
-      raise ValueError(f"config.method.head must be one of {HEADS}, got {o.head!r}")
+      raise unknown_name("head (config.method.head)", o.head, HEADS, cls=InvalidValueError)
     self.config = config
     self.num_classes = int(num_classes)
     self.head = o.head
@@ -106,6 +123,7 @@ class MetricLossMethod(Method):
     self.compute_dtype = modeling.compute_dtype(config.compute_dtype)
     self.loss_spec = losses.get_loss_spec(o.loss.name)
     self.loss_hparams = dict(o.loss.hparams)
+    _check_loss_hparams(self.loss_spec, self.loss_hparams)
     self.loss_param_options = dict(o.loss.param_options)
     self.model: modeling.SplitModel | None = None
     self._batchnorm: set[str] = set()

@@ -55,6 +55,7 @@ import numpy as np
 from flax import nnx
 
 from dml_jax import losses
+from dml_jax.errors import InvalidValueError
 from dml_jax.losses.ops import l2_normalize
 from dml_jax.methods import modeling
 from dml_jax.methods.base import HostBatch, Method, StepInfo
@@ -196,9 +197,9 @@ def _semantic_init(key: jax.Array, shape: tuple[int, int]) -> jax.Array:
 
 def _check_options(o: Any) -> None:
   if o.semantic_mix not in SEMANTIC_MIX_TYPES:
-    raise ValueError(f"config.method.semantic_mix must be one of {SEMANTIC_MIX_TYPES}, got {o.semantic_mix!r}")
+    raise InvalidValueError(f"config.method.semantic_mix must be one of {SEMANTIC_MIX_TYPES}, got {o.semantic_mix!r}")
   if not 0.0 <= o.rnn_dropout < 1.0:
-    raise ValueError(f"config.method.rnn_dropout must lie in [0, 1), got {o.rnn_dropout}")
+    raise InvalidValueError(f"config.method.rnn_dropout must lie in [0, 1), got {o.rnn_dropout}")
 
 
 class VPTSPMethod(Method):

@@ -35,7 +35,7 @@ import dataclasses
 import difflib
 import math
 import re
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -122,6 +122,44 @@ def scale_by_learning_rate_arg() -> optax.GradientTransformationExtraArgs:
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+class TorchAdamState(NamedTuple):
+  """Adam's state: the step count (int32 []) and the two moments (trees like the parameters)."""
+
+  count: jax.Array
+  mu: Any
+  nu: Any
+
+
+def scale_by_torch_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
+  """Adam's direction as torch computes it: m <- m + (1 - b1)(g - m), v <- b2 v + (1 - b2) g^2, and
+
+      update = m / bc1 / (sqrt(v) / sqrt(bc2) + eps),   bc_i = 1 - b_i ** t.
+
+  torch forms bc_i from the step count in double precision. In float32, 1 - 0.999 ** t loses digits to
+  cancellation (1.3e-5 relative at t = 1, which made the first steps 6e-6 smaller than torch's); here
+  bc_i = -expm1(t * log(b_i)), with log(b_i) taken in double on the host, is accurate to float32 rounding.
+  The learning rate multiplies later (scale_by_learning_rate_arg).
+  """
+  log_b1, log_b2 = math.log(b1), math.log(b2)
+
+  def init_fn(params):
+    zeros = lambda: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
+    return TorchAdamState(count=jnp.zeros((), jnp.int32), mu=zeros(), nu=zeros())
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = state.count + 1
+    t = count.astype(jnp.float32)
+    bc1 = -jnp.expm1(t * jnp.float32(log_b1))
+    bc2_sqrt = jnp.sqrt(-jnp.expm1(t * jnp.float32(log_b2)))
+    mu = jax.tree.map(lambda m, g: m + (1.0 - b1) * (g - m), state.mu, updates)
+    nu = jax.tree.map(lambda v, g: b2 * v + (1.0 - b2) * jnp.square(g), state.nu, updates)
+    out = jax.tree.map(lambda m, v: (m / bc1) / (jnp.sqrt(v) / bc2_sqrt + eps), mu, nu)
+    return out, TorchAdamState(count=count, mu=mu, nu=nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def make_group_transform(settings: GroupSettings) -> optax.GradientTransformationExtraArgs:
   """The optax chain reproducing the torch optimizer of one group (learning rate from `update`)."""
   parts = []
@@ -131,9 +169,9 @@ def make_group_transform(settings: GroupSettings) -> optax.GradientTransformatio
   if settings.optimizer == "adam":
     if wd:
       parts.append(optax.add_decayed_weights(wd))  # coupled L2: part of the gradient the moments see
-    parts.append(optax.scale_by_adam(b1=settings.b1, b2=settings.b2, eps=settings.eps))
+    parts.append(scale_by_torch_adam(b1=settings.b1, b2=settings.b2, eps=settings.eps))
   elif settings.optimizer == "adamw":
-    parts.append(optax.scale_by_adam(b1=settings.b1, b2=settings.b2, eps=settings.eps))
+    parts.append(scale_by_torch_adam(b1=settings.b1, b2=settings.b2, eps=settings.eps))
     if wd:
       parts.append(optax.add_decayed_weights(wd))  # decoupled: lr * wd * p, outside the moments
   else:  # sgd
