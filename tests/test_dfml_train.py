@@ -74,7 +74,7 @@ def _tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.num_threads = 2
   c.data.steps_per_epoch = 1
   c.eval.every_epochs = 0
-  c.log.progress = c.log.tensorboard = False
+  c.log.progress = c.log.tensorboard = c.log.plots = False
   return c
 
 
@@ -123,6 +123,7 @@ def test_demo_recall_rises(tmp_path):
   c.eval.every_epochs = 8
   c.log.progress = False
   c.log.tensorboard = False
+  c.log.plots = False
   summary = loop.fit(c, tmp_path)
   before = next(h for h in summary["history"] if h["epoch"] == "before")
   after = summary["history"][-1]

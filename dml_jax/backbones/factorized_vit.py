@@ -52,6 +52,7 @@ from flax import nnx
 from dml_jax.backbones import vit
 from dml_jax.backbones.registry import get_entry, get_pretrained_cfg
 from dml_jax.backbones.weights import model_shapes, read_weights_dir, strict_update
+from dml_jax.errors import InvalidValueError
 from dml_jax.preprocessing import PretrainedCfg
 
 ROUTER_INIT_STD = 0.02
@@ -147,8 +148,9 @@ class FactorizedAttention(nnx.Module):
 
   def __init__(self, dim: int, num_heads: int, groups: int, *, qkv_bias: bool, param_dtype, rngs: nnx.Rngs):
     if dim % num_heads or num_heads % groups:
-      raise ValueError(f"a factorized attention needs embed_dim {dim} divisible by num_heads {num_heads} and "
-                       f"num_heads divisible by the {groups} sub-blocks")
+      raise InvalidValueError(f"a factorized attention needs embed_dim {dim} divisible by num_heads {num_heads} and "
+                              f"num_heads divisible by the {groups} sub-blocks",
+                              "choose num_heads as a multiple of method.num_sub_blocks (DeiT-S: 6 heads, 3 sub-blocks)")
     self.num_heads, self.groups = num_heads, groups
     self.head_dim = dim // num_heads
     self.qkv = SubBlockLinear(groups, dim, 3 * dim // groups, use_bias=qkv_bias, param_dtype=param_dtype, rngs=rngs)
@@ -170,7 +172,8 @@ class FactorizedMlp(nnx.Module):
 
   def __init__(self, dim: int, hidden: int, groups: int, *, param_dtype, rngs: nnx.Rngs):
     if hidden % groups:
-      raise ValueError(f"MLP hidden size {hidden} is not divisible by the {groups} sub-blocks")
+      raise InvalidValueError(f"MLP hidden size {hidden} is not divisible by the {groups} sub-blocks",
+                              "choose embed_dim * mlp_ratio as a multiple of method.num_sub_blocks")
     self.fc1 = SubBlockLinear(groups, dim, hidden // groups, param_dtype=param_dtype, rngs=rngs)
     self.fc2 = SubBlockLinear(groups, hidden // groups, dim, param_dtype=param_dtype, rngs=rngs)
 
@@ -328,7 +331,7 @@ def factorize_vit_params(flat: Mapping[str, np.ndarray], *, num_sub_blocks: int)
     layer, kind = match.group(2), match.group(3)
     split_axis = 0 if layer in ("attn/proj", "mlp/fc2") and kind == "kernel" else -1
     if value.shape[split_axis] % (3 * g if layer == "attn/qkv" else g):
-      raise ValueError(f"{key} of shape {value.shape} does not split into {g} sub-blocks")
+      raise InvalidValueError(f"{key} of shape {value.shape} does not split into {g} sub-blocks")
     if kind == "bias" and layer in ("attn/proj", "mlp/fc2"):
       out[key] = np.broadcast_to(value / value.dtype.type(g), (g,) + value.shape)
     elif layer == "attn/qkv" and kind == "kernel":  # [D, 3D] = [D, (q|k|v, G, D/G)]
@@ -373,7 +376,8 @@ def create(name: str, weights: str | None = None, *, rng: jax.Array | None = Non
   """
   entry = get_entry(name)
   if entry.family != "vit":
-    raise ValueError(f"only ViT / DeiT backbones can be factorized, {name!r} is a {entry.family!r}")
+    raise InvalidValueError(f"only ViT / DeiT backbones can be factorized, {name!r} is a {entry.family!r}",
+                            "e.g. --config.model.backbone=deit_small_distilled_patch16_224")
   rng = jax.random.key(0) if rng is None else rng
   arch = {**entry.arch, **overrides, "num_sub_blocks": int(num_sub_blocks)}
   if not weights:
@@ -382,8 +386,10 @@ def create(name: str, weights: str | None = None, *, rng: jax.Array | None = Non
     return model
   meta, flat = read_weights_dir(weights)
   if meta["family"] != "vit" or meta["model"] != entry.name:
-    raise ValueError(f"{weights} holds {meta['model']!r} ({meta['family']}), not the plain {entry.name!r} "
-                     f"weights that are factorized for this model (convert_timm_weights.py --model {entry.name})")
+    raise InvalidValueError(f"{weights} holds {meta['model']!r} ({meta['family']}), not the plain {entry.name!r} "
+                            f"weights that are factorized for this model",
+                            f"python convert_timm_weights.py --model {entry.name} --out DIR, then "
+                            f"--config.model.weights=DIR")
   model = nnx.eval_shape(lambda: FactorizedVisionTransformer(rngs=nnx.Rngs(0), **arch))
   flat = vit._adapt_pos_embed_on_load(flat, model_shapes(model))
   flat = {**factorize_vit_params(flat, num_sub_blocks=num_sub_blocks),

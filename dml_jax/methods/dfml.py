@@ -42,6 +42,7 @@ from flax import nnx
 from dml_jax import losses
 from dml_jax import pytree as tree_lib
 from dml_jax.backbones import factorized_vit
+from dml_jax.errors import InvalidValueError
 from dml_jax.losses.ops import l2_normalize
 from dml_jax.methods import modeling
 from dml_jax.methods.base import Method, StepInfo
@@ -76,9 +77,11 @@ class DFMLMethod(Method):
   def __init__(self, config: Any, *, num_classes: int):
     o = config.method
     if o.num_sub_blocks < 1:
-      raise ValueError(f"config.method.num_sub_blocks must be >= 1, got {o.num_sub_blocks}")
+      raise InvalidValueError(f"config.method.num_sub_blocks must be >= 1, got {o.num_sub_blocks}",
+                              "e.g. --config.method.num_sub_blocks=3")
     if o.layer_distill_divisor <= 0:
-      raise ValueError(f"config.method.layer_distill_divisor must be > 0, got {o.layer_distill_divisor}")
+      raise InvalidValueError(f"config.method.layer_distill_divisor must be > 0, got {o.layer_distill_divisor}",
+                              "e.g. --config.method.layer_distill_divisor=12.0")
     self.config = config
     self.opts = dict(o)
     self.loss_hparams = dict(alpha=float(o.loss.alpha), margin=float(o.loss.margin))
@@ -95,8 +98,9 @@ class DFMLMethod(Method):
     self.pretrained_cfg = backbone.pretrained_cfg
     self.embedding_dim = backbone.embed_dim
     if int(m.embedding_dim) != self.embedding_dim:
-      raise ValueError(f"DFML has no embedding layer: config.model.embedding_dim ({m.embedding_dim}) must equal "
-                       f"the backbone's width {self.embedding_dim}")
+      raise InvalidValueError(f"DFML has no embedding layer: config.model.embedding_dim ({m.embedding_dim}) must "
+                              f"equal the backbone's width {self.embedding_dim}",
+                              f"--config.model.embedding_dim={self.embedding_dim}")
     self.model = modeling.SplitModel(DFMLNet(backbone))
     self._routers = {f"model/{p}" for p in tree_lib.flatten(self.model.params)
                      if factorized_vit.GATE_PATH.fullmatch(p.removeprefix("backbone/"))}
