@@ -28,27 +28,38 @@ NAME = "deit_small_distilled_patch16_224"
 LABELS = np.array([0, 0, 1, 1, 2, 3, 3, 1], np.int32)  # class 4 absent: it counts in the negative term only
 
 
-def reference_inputs(seed: int = 0) -> dict:
-  """Seeded numpy inputs of one DFML step: the plain timm-named DeiT state dict, routers ({path: kernel
-  [D, G]}), images float32 [B, S, S, 3], labels int32 [B], proxies float32 [C, D]."""
-  rs = np.random.RandomState(seed)
-  d, m, n = DIM, 4 * DIM, 2 + (IMG // PATCH) ** 2
-  f = lambda *shape, scale=0.1: (rs.randn(*shape) * scale).astype(np.float32)
-  sd = {"cls_token": f(1, 1, d), "dist_token": f(1, 1, d), "pos_embed": f(1, n, d),
-        "patch_embed.proj.weight": f(d, 3, PATCH, PATCH, scale=0.05), "patch_embed.proj.bias": f(d)}
-  for i in range(DEPTH):
+def deit_state_dict(rs: np.random.RandomState, *, dim: int = DIM, depth: int = DEPTH, patch: int = PATCH,
+                    img: int = IMG, distilled: bool = True, scale: float = 0.1) -> dict[str, np.ndarray]:
+  """A plain timm-named (Distilled)VisionTransformer state dict without heads, drawn from `rs`: weights
+  N(0, scale^2) (patch embedding scale / 2), biases N(0, scale^2), norms 1 + N(0, scale^2)."""
+  d, m, n = dim, 4 * dim, (2 if distilled else 1) + (img // patch) ** 2
+  f = lambda *shape, scale=scale: (rs.randn(*shape) * scale).astype(np.float32)
+  sd = {"cls_token": f(1, 1, d)}
+  if distilled:
+    sd["dist_token"] = f(1, 1, d)
+  sd.update({"pos_embed": f(1, n, d), "patch_embed.proj.weight": f(d, 3, patch, patch, scale=scale / 2),
+             "patch_embed.proj.bias": f(d)})
+  for i in range(depth):
     b = f"blocks.{i}."
     sd.update({b + "norm1.weight": 1 + f(d), b + "norm1.bias": f(d), b + "attn.qkv.weight": f(3 * d, d),
                b + "attn.qkv.bias": f(3 * d), b + "attn.proj.weight": f(d, d), b + "attn.proj.bias": f(d),
                b + "norm2.weight": 1 + f(d), b + "norm2.bias": f(d), b + "mlp.fc1.weight": f(m, d),
                b + "mlp.fc1.bias": f(m), b + "mlp.fc2.weight": f(d, m), b + "mlp.fc2.bias": f(d)})
   sd.update({"norm.weight": 1 + f(d), "norm.bias": f(d)})
+  return sd
+
+
+def reference_inputs(seed: int = 0) -> dict:
+  """Seeded numpy inputs of one DFML step: the plain timm-named DeiT state dict, routers ({path: kernel
+  [D, G]}), images float32 [B, S, S, 3], labels int32 [B], proxies float32 [C, D]."""
+  rs = np.random.RandomState(seed)
+  sd = deit_state_dict(rs)
   routers = {}
   for i in range(DEPTH):
-    routers[f"blocks/{i}/attn/gate/kernel"] = f(d, GROUPS, scale=0.3)
-    routers[f"blocks/{i}/gate/kernel"] = f(d, GROUPS, scale=0.3)
-  images = f(len(LABELS), IMG, IMG, 3, scale=1.0)
-  proxies = (rs.randn(CLASSES, d) * np.sqrt(2.0 / CLASSES)).astype(np.float32)
+    routers[f"blocks/{i}/attn/gate/kernel"] = (rs.randn(DIM, GROUPS) * 0.3).astype(np.float32)
+    routers[f"blocks/{i}/gate/kernel"] = (rs.randn(DIM, GROUPS) * 0.3).astype(np.float32)
+  images = rs.randn(len(LABELS), IMG, IMG, 3).astype(np.float32)
+  proxies = (rs.randn(CLASSES, DIM) * np.sqrt(2.0 / CLASSES)).astype(np.float32)
   return {"state_dict": sd, "routers": routers, "images": images, "labels": LABELS.copy(), "proxies": proxies}
 
 
