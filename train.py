@@ -18,6 +18,7 @@ status 2; --debug adds the traceback. docs/reliability.md lists what a run guara
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -72,5 +73,19 @@ def _main(argv):
     loop.fit(config, _WORKDIR.value)
 
 
+def _announce(argv: list[str]) -> None:
+  """The first line, before anything heavy: loading a config file imports jax and the method, and the dataset
+  and the first compiled step take tens of seconds more on a CPU before the trainer prints anything."""
+  if any(a in ("--help", "-h", "--helpfull", "--print_config") or a.startswith("--print_config=") for a in argv):
+    return
+  workdir = next((a.split("=", 1)[1] for a in argv if a.startswith("--workdir=")), None)
+  if workdir is None and "--workdir" in argv[:-1]:
+    workdir = argv[argv.index("--workdir") + 1]
+  if workdir:
+    print(f"{'evaluating' if '--eval_only' in argv else 'training'} in {workdir}: loading the config, importing jax "
+          "and dml_jax, then the dataset and compiling the model...", flush=True)
+
+
 if __name__ == "__main__":
+  _announce(sys.argv[1:])
   app.run(main, flags_parser=cli.absl_flags_parser("config", usage=_USAGE))

@@ -489,7 +489,7 @@ def plot_embedding_map(saved: saved_lib.SavedEmbeddings, out: str | os.PathLike,
     xy = PCA(n_components=2, random_state=seed).fit_transform(x)
     method_name = "PCA"
   else:
-    if x.shape[1] > 50:
+    if x.shape[1] > 50 and len(rows) > 50:  # PCA keeps at most min(rows, dimensions) components
       x = PCA(n_components=50, random_state=seed).fit_transform(x)
     xy = TSNE(n_components=2, perplexity=float(min(30.0, (len(rows) - 1) / 3.0)), init="pca",
               random_state=seed).fit_transform(x)

@@ -1,15 +1,16 @@
-"""Transforms against torchvision: RandomResizedCrop sampling, Resize + CenterCrop pixels, normalisation."""
+"""Transforms against torchvision: RandomResizedCrop sampling, Resize + CenterCrop pixels, normalisation.
+
+torchvision's results come from tests/references (`ref` fixture, tests/reference.py).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import io
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from torchvision import transforms as T
-from torchvision.transforms import functional as TF
 
 from dml_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
 from dml_jax.data import decode, synthetic, transforms
@@ -19,6 +20,12 @@ def _pil(size, fmt="JPEG", mode="RGB", seed=0):
   return Image.open(io.BytesIO(synthetic.image_bytes(seed, size, fmt, mode)))
 
 
+def _pixels(image) -> dict[str, np.ndarray]:
+  """An image as a reference keeps it: shape and SHA-256 of its uint8 pixels (exact equality, few bytes)."""
+  array = np.ascontiguousarray(np.asarray(image, np.uint8))
+  return {"shape": np.asarray(array.shape), "sha256": np.asarray(hashlib.sha256(array.tobytes()).hexdigest())}
+
+
 def _box_stats(boxes, width, height):
   boxes = np.asarray(boxes, np.float64)
   top, left, h, w = boxes.T
@@ -26,53 +33,83 @@ def _box_stats(boxes, width, height):
                    np.mean(left / width), np.std(h * w / (width * height))])
 
 
+def _torchvision_fallback(width, height):
+  """(live) torchvision's box when no sampled box fits: an area fraction above 1 never does."""
+  from torchvision import transforms as T
+
+  return T.RandomResizedCrop.get_params(Image.new("RGB", (width, height)), scale=[2.0, 3.0], ratio=[3 / 4, 4 / 3])
+
+
 @pytest.mark.parametrize("width,height", [(500, 375), (400, 40), (60, 300)])
-def test_random_resized_crop_distribution_matches_torchvision(width, height):
+def test_random_resized_crop_distribution_matches_torchvision(ref, width, height):
   n = 4000
   rng = np.random.default_rng(0)
   ours = [transforms.random_resized_crop_params(rng, width, height) for _ in range(n)]
-  torch.manual_seed(0)
-  img = Image.new("RGB", (width, height))
-  ref = [T.RandomResizedCrop.get_params(img, scale=[0.08, 1.0], ratio=[3 / 4, 4 / 3]) for _ in range(n)]
-  np.testing.assert_allclose(_box_stats(ours, width, height), _box_stats(ref, width, height), atol=0.025)
+
+  def compute():
+    import torch
+    from torchvision import transforms as T
+
+    torch.manual_seed(0)
+    img = Image.new("RGB", (width, height))
+    boxes = [T.RandomResizedCrop.get_params(img, scale=[0.08, 1.0], ratio=[3 / 4, 4 / 3]) for _ in range(n)]
+    fallback = _torchvision_fallback(width, height)
+    return {"box_stats": _box_stats(boxes, width, height), "fallback": np.asarray(fallback),
+            "fallback_share": np.mean([tuple(b) == tuple(fallback) for b in boxes])}
+
+  expected = ref(f"data_transforms/random_resized_crop_{width}x{height}", compute)
+  np.testing.assert_allclose(_box_stats(ours, width, height), expected["box_stats"], atol=0.025)
   # Thin images often exhaust the 10 attempts: the central fallback box must be as frequent.
-  fallback = T.RandomResizedCrop.get_params(img, scale=[2.0, 3.0], ratio=[3 / 4, 4 / 3])
-  share = lambda boxes: np.mean([tuple(b) == tuple(fallback) for b in boxes])
-  assert abs(share(ours) - share(ref)) < 0.02
+  share = np.mean([tuple(b) == tuple(expected["fallback"].tolist()) for b in ours])
+  assert abs(share - float(expected["fallback_share"])) < 0.02
   assert all(0 < h <= height and 0 < w <= width and t + h <= height and l + w <= width for t, l, h, w in ours)
 
 
-@pytest.mark.parametrize("width,height", [(500, 375), (400, 40), (60, 300), (100, 100)])
-def test_random_resized_crop_fallback_exact(width, height):
-  img = Image.new("RGB", (width, height))
+FALLBACK_SIZES = [(500, 375), (400, 40), (60, 300), (100, 100)]
+
+
+@pytest.mark.parametrize("width,height", FALLBACK_SIZES)
+def test_random_resized_crop_fallback_exact(ref, width, height):
+  expected = ref("data_transforms/random_resized_crop_fallback",
+                 lambda: {f"{w}x{h}": np.asarray(_torchvision_fallback(w, h)) for w, h in FALLBACK_SIZES})
   # An area fraction above 1 never fits, so both end in the central fallback.
-  expected = T.RandomResizedCrop.get_params(img, scale=[2.0, 3.0], ratio=[3 / 4, 4 / 3])
   got = transforms.random_resized_crop_params(np.random.default_rng(1), width, height, scale=(2.0, 3.0))
-  assert tuple(got) == tuple(expected)
+  assert tuple(got) == tuple(expected[f"{width}x{height}"].tolist())
 
 
 @pytest.mark.parametrize("size,resize,crop", [((300, 200), 256, 224), ((200, 301), 256, 224), ((256, 256), 256, 224),
                                               ((90, 70), 256, 224), ((36, 50), 36, 32), ((50, 40), 32, 36)])
-def test_eval_transform_matches_torchvision(size, resize, crop):
-  img = _pil(size)
-  expected = np.asarray(T.Compose([T.Resize(resize), T.CenterCrop(crop)])(img.copy()))
+def test_eval_transform_matches_torchvision(ref, size, resize, crop):
+  def compute():
+    from torchvision import transforms as T
+
+    return _pixels(T.Compose([T.Resize(resize), T.CenterCrop(crop)])(_pil(size)))
+
+  expected = ref(f"data_transforms/eval_{size[0]}x{size[1]}_resize{resize}_crop{crop}", compute)
   got = transforms.eval_transform(_pil(size), size=crop, resize_size=resize, fast_decode=False)
   assert got.shape == (crop, crop, 3) and got.dtype == np.uint8
-  np.testing.assert_array_equal(got, expected)
+  ours = _pixels(got)
+  assert tuple(ours["shape"]) == tuple(expected["shape"])
+  assert str(ours["sha256"]) == str(expected["sha256"]), "pixels differ from torchvision's Resize + CenterCrop"
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_train_transform_matches_torchvision_resized_crop(seed):
-  img = _pil((120, 90), seed=seed)
+def test_train_transform_matches_torchvision_resized_crop(ref, seed):
   rng = np.random.default_rng(seed)
   top, left, h, w = transforms.random_resized_crop_params(rng, 120, 90)
   flip = rng.random() < 0.5
-  expected = TF.resized_crop(img.copy(), top, left, h, w, [32, 32], T.InterpolationMode.BILINEAR)
-  if flip:
-    expected = TF.hflip(expected)
+
+  def compute():
+    from torchvision import transforms as T
+    from torchvision.transforms import functional as TF
+
+    expected = TF.resized_crop(_pil((120, 90), seed=seed), top, left, h, w, [32, 32], T.InterpolationMode.BILINEAR)
+    return {"pixels": np.asarray(TF.hflip(expected) if flip else expected)}
+
+  expected = ref(f"data_transforms/train_resized_crop_seed{seed}", compute)["pixels"]
   got = transforms.train_transform(_pil((120, 90), seed=seed), np.random.default_rng(seed), size=32,
                                    fast_decode=False)
-  np.testing.assert_array_equal(got, np.asarray(expected))
+  np.testing.assert_array_equal(got, expected)
 
 
 def test_fast_decode_drafts_and_stays_close():
@@ -110,10 +147,17 @@ def test_corrupt_image_names_its_path(tmp_path):
   assert decode.check_decodable(str(bad), str(bad)) is not None
 
 
-def test_normalizer_rgb_matches_torchvision():
+def test_normalizer_rgb_matches_torchvision(ref):
   pixels = np.asarray(_pil((8, 6)))
   cfg = PretrainedCfg(mean=IMAGENET_MEAN, std=IMAGENET_STD)
-  expected = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)(T.ToTensor()(Image.fromarray(pixels))).permute(1, 2, 0).numpy()
+
+  def compute():
+    from torchvision import transforms as T
+
+    normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    return {"normalized": normalize(T.ToTensor()(Image.fromarray(pixels))).permute(1, 2, 0).numpy()}
+
+  expected = ref("data_transforms/normalize_rgb", compute)["normalized"]
   got = transforms.Normalizer(cfg)(pixels)
   assert got.dtype == np.float32
   np.testing.assert_allclose(got, expected, atol=1e-5)

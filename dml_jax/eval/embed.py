@@ -45,7 +45,7 @@ def embed_dataset(embed_fn: Callable[[jax.Array], jax.Array], loader: Iterable[d
       by its size; otherwise (and without a mesh) they go to the default device. Required with several
       processes (each process's loader yields its rows of every global batch).
     desc: progress-bar label.
-    progress: show the progress bar.
+    progress: show the progress bar (the trainer passes its `log.progress`).
 
   Returns:
     (embeddings float32 [N, D], labels int64 [N], indices int64 [N]) of the valid rows, loader order.

@@ -131,7 +131,7 @@ class MetricLossMethod(Method):
   def init(self, rng: jax.Array) -> tuple[dict, dict]:
     backbone_rng, head_rng, loss_rng = jax.random.split(rng, 3)
     m = self.config.model
-    backbone = modeling.build_backbone(m, backbone_rng)
+    backbone = modeling.build_backbone(m, backbone_rng, self.config.dataset.image_size)
     self.pretrained_cfg = backbone.pretrained_cfg
     in_features = pooled_feature_dim(backbone, self.head, int(self.config.dataset.image_size), m.backbone)
     self.embedding_dim = in_features if self.head == "none" else int(m.embedding_dim)

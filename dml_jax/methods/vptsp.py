@@ -234,7 +234,7 @@ class VPTSPMethod(Method):
   def init(self, rng: jax.Array) -> tuple[dict, dict]:
     m, o = self.config.model, self.opts
     backbone_rng, net_rng, state_rng = jax.random.split(rng, 3)
-    backbone = modeling.build_backbone(m, backbone_rng)
+    backbone = modeling.build_backbone(m, backbone_rng, self.config.dataset.image_size)
     self.pretrained_cfg = backbone.pretrained_cfg
     blocks = len(backbone.blocks)
     self.task_counts = prompt_counts(o["num_prompts"], o["prompt_depth"], o["prompt_block_step"], blocks)

@@ -372,7 +372,8 @@ class Trainer:
 
   def embed(self, state: dict, loader, desc: str, feature: str | None = None):
     fn = functools.partial(self.steps.embed, state["params"], state["method_state"], feature=feature)
-    return embed_lib.embed_dataset(fn, loader, mesh=self.mesh, desc=desc, progress=self.config.log.progress)
+    return embed_lib.embed_dataset(fn, loader, mesh=self.mesh, desc=desc,
+                                   progress=self.config.log.progress and self.is_main)
 
   def evaluate(self, state: dict, split: str) -> dict[str, float]:
     records = self.eval_splits[split]
