@@ -1,10 +1,10 @@
 """Shared by the DFML tests: seeded inputs of one step on a tiny distilled DeiT, and the method built on them.
 
-The tiny DeiT has the real one's structure (distilled, 6 heads = 3 sub-blocks of 2 heads, MLP ratio 4) at
-width 48, depth 2, 32 px, 8 px patches (18 tokens). Weights are drawn here (not timm's init, whose zero
-biases and unit norms would hide swapped tensors); routers get std 0.3 so that the routes are decisive.
-Numpy only: the torch references (test_dfml_parity.py) and the golden numbers of the authors' code use the
-same inputs.
+The tiny DeiTs have the real one's structure (distilled, 6 heads = 3 sub-blocks of 2 heads, MLP ratio 4) at
+32 px with 8 px patches (18 tokens), depth 2: width 48 (`TINY_DEIT`, the inputs of the golden numbers of
+the authors' code) or 24 (`PARITY_DEIT`, whose torch references are committed whole). Weights are drawn
+here (not timm's init, whose zero biases and unit norms would hide swapped tensors); routers get std 0.3 so
+that the routes are decisive. Numpy only.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from dml_jax.train.config import default_config
 
 DIM, HEADS, DEPTH, PATCH, IMG, CLASSES, GROUPS = 48, 6, 2, 8, 32, 5, 3
 TINY_DEIT = dict(img_size=IMG, patch_size=PATCH, depth=DEPTH, embed_dim=DIM, num_heads=HEADS)
+PARITY_DEIT = {**TINY_DEIT, "embed_dim": 24}
 NAME = "deit_small_distilled_patch16_224"
 LABELS = np.array([0, 0, 1, 1, 2, 3, 3, 1], np.int32)  # class 4 absent: it counts in the negative term only
 
@@ -49,44 +50,45 @@ def deit_state_dict(rs: np.random.RandomState, *, dim: int = DIM, depth: int = D
   return sd
 
 
-def reference_inputs(seed: int = 0) -> dict:
+def reference_inputs(seed: int = 0, arch: dict = TINY_DEIT) -> dict:
   """Seeded numpy inputs of one DFML step: the plain timm-named DeiT state dict, routers ({path: kernel
   [D, G]}), images float32 [B, S, S, 3], labels int32 [B], proxies float32 [C, D]."""
   rs = np.random.RandomState(seed)
-  sd = deit_state_dict(rs)
+  d, depth, img = arch["embed_dim"], arch["depth"], arch["img_size"]
+  sd = deit_state_dict(rs, dim=d, depth=depth, patch=arch["patch_size"], img=img)
   routers = {}
-  for i in range(DEPTH):
-    routers[f"blocks/{i}/attn/gate/kernel"] = (rs.randn(DIM, GROUPS) * 0.3).astype(np.float32)
-    routers[f"blocks/{i}/gate/kernel"] = (rs.randn(DIM, GROUPS) * 0.3).astype(np.float32)
-  images = rs.randn(len(LABELS), IMG, IMG, 3).astype(np.float32)
-  proxies = (rs.randn(CLASSES, DIM) * np.sqrt(2.0 / CLASSES)).astype(np.float32)
+  for i in range(depth):
+    routers[f"blocks/{i}/attn/gate/kernel"] = (rs.randn(d, GROUPS) * 0.3).astype(np.float32)
+    routers[f"blocks/{i}/gate/kernel"] = (rs.randn(d, GROUPS) * 0.3).astype(np.float32)
+  images = rs.randn(len(LABELS), img, img, 3).astype(np.float32)
+  proxies = (rs.randn(CLASSES, d) * np.sqrt(2.0 / CLASSES)).astype(np.float32)
   return {"state_dict": sd, "routers": routers, "images": images, "labels": LABELS.copy(), "proxies": proxies}
 
 
-def write_plain_weights(state_dict: dict, out) -> str:
+def write_plain_weights(state_dict: dict, out, arch: dict = TINY_DEIT) -> str:
   """The plain DeiT state dict as convert_timm_weights.py writes it (a 'vit' weights directory)."""
-  arch = {**get_entry(NAME).arch, **TINY_DEIT}
-  flat = convert_vit.from_torch(StateDictReader(dict(state_dict), "test"), arch)
-  write_weights_dir(out, model_name=NAME, family="vit", arch=arch, flat=flat,
+  full_arch = {**get_entry(NAME).arch, **arch}
+  flat = convert_vit.from_torch(StateDictReader(dict(state_dict), "test"), full_arch)
+  write_weights_dir(out, model_name=NAME, family="vit", arch=full_arch, flat=flat,
                     pretrained_cfg=get_pretrained_cfg(NAME), source="test", dropped_keys=[])
   return str(out)
 
 
-def tiny_config(weights: str = "", **method) -> ml_collections.ConfigDict:
+def tiny_config(weights: str = "", arch: dict = TINY_DEIT, **method) -> ml_collections.ConfigDict:
   c = default_config()
   c.method = methods.method_config("dfml")
   c.method.update(method)
   c.model.backbone = NAME
-  c.model.backbone_overrides = ml_collections.ConfigDict(TINY_DEIT)
+  c.model.backbone_overrides = ml_collections.ConfigDict(arch)
   c.model.weights = weights
-  c.model.embedding_dim = DIM
+  c.model.embedding_dim = arch["embed_dim"]
   c.data.batch_size = len(LABELS)
   return c
 
 
-def build(inputs: dict, weights: str, **method):
+def build(inputs: dict, weights: str, arch: dict = TINY_DEIT, **method):
   """(method, params) with the inputs' weights, routers and proxies."""
-  method_obj = methods.build(tiny_config(weights, **method), num_classes=CLASSES)
+  method_obj = methods.build(tiny_config(weights, arch, **method), num_classes=CLASSES)
   params, _ = method_obj.init(jax.random.key(0))
   flat = tree_lib.flatten(params)
   for path, kernel in inputs["routers"].items():

@@ -19,7 +19,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from dfml_inputs import CLASSES, DEPTH, GROUPS, authors_names, build, reference_inputs, tiny_config, write_plain_weights
+from dfml_inputs import (
+  CLASSES,
+  DEPTH,
+  GROUPS,
+  LABELS,
+  TINY_DEIT,
+  authors_names,
+  build,
+  reference_inputs,
+  tiny_config,
+  write_plain_weights,
+)
 
 from dml_jax import methods
 from dml_jax import pytree as tree_lib
@@ -186,3 +197,27 @@ def test_the_routed_stream_gathers_nothing(tiny):
   assert "dot_general" in text
   for primitive in ("gather", "dynamic_slice", "scatter"):
     assert f" {primitive}[" not in text and f"= {primitive}" not in text, primitive
+
+
+def test_the_training_step_does_not_recompute_across_blocks():
+  """The factorized blocks keep vit.py's flat token stream and LayerNorm, so XLA's CPU fusion pass does not
+  rebuild the residual-stream gradient in every block (tests/test_vit_fusion.py): the largest fusion of the
+  compiled DFML step (forward, backward, AdamW) is the same at depth 2 and 4."""
+  import optax
+  from test_vit_fusion import fusion_operand_counts
+
+  largest = {}
+  for depth in (2, 4):
+    method = methods.build(tiny_config("", {**TINY_DEIT, "depth": depth}), num_classes=CLASSES)
+    params, _ = method.init(jax.random.key(0))
+    images = jnp.asarray(np.random.RandomState(0).randn(len(LABELS), 32, 32, 3), jnp.float32)
+    opt = optax.adamw(1e-3, weight_decay=1e-4)
+
+    def step(p, opt_state, method=method, images=images, opt=opt):
+      loss, grads = jax.value_and_grad(lambda q: method.loss_terms(q, images, jnp.asarray(LABELS))["loss"])(p)
+      updates, opt_state = opt.update(grads, opt_state, p)
+      return optax.apply_updates(p, updates), opt_state, loss
+
+    compiled = jax.jit(step).lower(params, opt.init(params)).compile()
+    largest[depth] = max(fusion_operand_counts(compiled.as_text()))
+  assert largest[4] <= largest[2], largest
