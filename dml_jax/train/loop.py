@@ -236,7 +236,8 @@ class Trainer:
     # Your own `folder` dataset: the split recorded in the workdir by an earlier start wins over the config.
     folder_split = folder_lib.split_for_run(ds.folder, self.workdir) if ds.name == "folder" else None
     splits = data_lib.load_dataset(ds.name, ds.data_root or None, source=ds.source, skip_corrupt=ds.skip_corrupt,
-                                   num_threads=c.data.num_threads, folder_split=folder_split)
+                                   vehicleid_test_size=ds.vehicleid_test_size, num_threads=c.data.num_threads,
+                                   folder_split=folder_split)
     self.split_manifest = splits.split_manifest
     self.dataset_name = splits.name
     self.protocol = c.eval.protocol or ds.name
