@@ -19,6 +19,7 @@ SECTIONS = (  # (heading, file in docs/benchmarks/)
     ("Training step: per-op profile", "train_step_profile.md"),
     ("Divide & Conquer re-clustering", "dnc_recluster.md"),
     ("Proxy-ISA step", "proxy_isa.md"),
+    ("DFML train step", "dfml.md"),
 )
 
 INTRO = """# Benchmarks
