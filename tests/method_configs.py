@@ -14,6 +14,8 @@ from dml_jax.train.config import default_config
 
 TINY_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)
 TINY_RESNET = dict(layers=(1, 1), channels=(8, 16), stem_width=8)
+# DFML splits the heads and MLP units into 3 sub-blocks: width 48, 6 heads (DeiT-S's 2 heads per sub-block).
+TINY_DEIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=6, distilled=True)
 
 
 def _base(method: str) -> ml_collections.ConfigDict:
@@ -68,4 +70,53 @@ def vptsp() -> ml_collections.ConfigDict:
   return c
 
 
-TINY_CONFIGS = {"metric_loss": metric_loss, "vptsp": vptsp}
+def dfml() -> ml_collections.ConfigDict:
+  """DFML on a tiny factorized DeiT: the ViT waits one epoch, the routers train from the start (the authors'
+  DataParallel warm-up), proxies at 100x."""
+  c = _base("dfml")
+  c.model.backbone = "deit_small_distilled_patch16_224"
+  c.model.backbone_overrides = ml_collections.ConfigDict(TINY_DEIT)
+  c.model.embedding_dim = 48
+  c.optim.optimizer = "adamw"
+  c.optim.clip_value = 10.0
+  c.optim.groups = (("@routers", dict(name="routers")),
+                    ("loss/.*", dict(name="proxies", lr_mult=100.0)),
+                    ("model/.*", dict(name="model", start_epoch=1)))
+  return c
+
+
+def divide_and_conquer() -> ml_collections.ConfigDict:
+  """D&C's recipe on a tiny ResNet: Adam with coupled L2, backbone frozen on even epochs, masks x100."""
+  c = _base("divide_and_conquer")
+  c.method.num_clusters = 4
+  c.method.mod_epoch = 1
+  c.method.force_full_embedding_epoch = 2
+  c.data.samples_per_class = 2
+  c.model.backbone = "resnet50"
+  c.model.backbone_overrides = ml_collections.ConfigDict(TINY_RESNET)
+  c.optim.optimizer = "adam"
+  c.optim.weight_decay = 1e-4
+  c.optim.groups = (("model/masks", dict(name="masks", lr_mult=100.0, stop_epoch=2)),
+                    ("model/backbone/.*", dict(name="backbone", lr_cycle=(0.0, 1.0))))
+  return c
+
+
+def proxy_isa() -> ml_collections.ConfigDict:
+  """Proxy-ISA on a tiny ResNet (GAP + GMP head, BN frozen, BN scale/bias frozen as with --warm 0), a 32-row memory
+  from epoch 0 and the outlier filter from epoch 1, Adam with coupled L2."""
+  c = _base("proxy_isa")
+  c.method.head = "gap_gmp_linear"
+  c.method.bn_freeze = True
+  c.method.memory_size = 32
+  c.method.start_epoch = 0
+  c.model.backbone = "resnet50"
+  c.model.backbone_overrides = ml_collections.ConfigDict(TINY_RESNET)
+  c.optim.optimizer = "adam"
+  c.optim.clip_value = 10.0
+  c.optim.groups = (("@batchnorm", dict(name="batchnorm", frozen=True)),
+                    ("loss/.*", dict(name="proxies", lr_mult=100.0)))
+  return c
+
+
+TINY_CONFIGS = {"dfml": dfml, "divide_and_conquer": divide_and_conquer, "metric_loss": metric_loss,
+                "proxy_isa": proxy_isa, "vptsp": vptsp}

@@ -87,6 +87,14 @@ def test_batchnorm_statistics_update_when_not_frozen():
   _, (_, new_state) = jax.jit(lambda p, s: _loss(method, p, s, batch))(params, state)
   changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(state))]
   assert all(changed)
+  # The stem's statistics after one training forward, torch's rule from the initial (0, 1) with momentum 0.1:
+  # mean = 0.1 * batch mean, var = 0.9 + 0.1 * unbiased batch variance, of the stem convolution's output.
+  stem = method.model.merge(params["model"], state["model"], train=False).backbone.conv1
+  y = np.asarray(stem(batch["image"]), np.float64)
+  n = y.size // y.shape[-1]
+  bn1 = new_state["model"]["backbone"]["bn1"]
+  np.testing.assert_allclose(np.asarray(bn1["mean"]), 0.1 * y.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(bn1["var"]), 0.9 + 0.1 * y.var(axis=(0, 1, 2)) * n / (n - 1), rtol=1e-5)
 
 
 def test_bfloat16_compute_keeps_float32_gradients():

@@ -27,7 +27,8 @@ next batch may use the same rows), which removes the asynchronous-dispatch overl
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import numpy as np

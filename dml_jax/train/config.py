@@ -15,7 +15,8 @@ Keys:
                             val_fraction (> 0: hold out that fraction of the TRAINING classes as a
                             validation split for model selection), skip_corrupt, folder (how your own
                             `folder` dataset splits its classes: train_fraction, seed, classes_file,
-                            classes_file_split; recorded in <workdir>/split.json)
+                            classes_file_split; recorded in <workdir>/split.json), vehicleid_test_size
+                            ('small' | 'medium' | 'large': the VehicleID test list evaluated)
   data.*                    batch_size (global), sampler ('random' | 'm_per_class' | 'm_per_class_replace';
                             a method may supply its own per epoch), samples_per_class, steps_per_epoch
                             (0 = len(train) // batch), eval_batch_size, num_threads, num_workers,
@@ -53,7 +54,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.method = ml_collections.ConfigDict(dict(name="metric_loss"))
   c.dataset = ml_collections.ConfigDict(dict(
       name="cub200", data_root="", source="auto", image_size=224, resize_size=256, val_fraction=0.0,
-      skip_corrupt=False,
+      skip_corrupt=False, vehicleid_test_size="small",
       folder=ml_collections.ConfigDict(dict(train_fraction=0.5, seed=0, classes_file="", classes_file_split="test"))))
   c.data = ml_collections.ConfigDict(dict(
       batch_size=120, sampler="random", samples_per_class=2, steps_per_epoch=0, eval_batch_size=128,
@@ -154,6 +155,8 @@ def check_config(config: Any, *, num_devices: int = 1) -> None:
     raise InvalidValueError("config.eval.select_on='val' needs config.dataset.val_fraction > 0 (the held-out share "
                             "of the training classes)", "e.g. --config.dataset.val_fraction=0.2")
   _require(0 <= c.dataset.val_fraction < 1, "dataset.val_fraction", c.dataset.val_fraction, "in [0, 1)", "0.2")
+  _require(c.dataset.vehicleid_test_size in ("small", "medium", "large"), "dataset.vehicleid_test_size",
+           c.dataset.vehicleid_test_size, "'small', 'medium' or 'large' (VehicleID's test lists)", "large")
   _require(c.dataset.image_size >= 1, "dataset.image_size", c.dataset.image_size, ">= 1", "224")
   _require(c.dataset.resize_size >= c.dataset.image_size, "dataset.resize_size", c.dataset.resize_size,
            f">= dataset.image_size ({c.dataset.image_size}): evaluation resizes, then crops", "256")
