@@ -39,6 +39,8 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str] | None]] = {
                       ["--num_items", "20000", "--num_classes", "3800", "--repeats", "2", "--out",
                        "docs/benchmarks/dnc_recluster.md"]),
     "proxy_isa_step": ("proxy_isa_step.py", ["--quick"], ["--out", "docs/benchmarks/proxy_isa.md"]),
+    # Needs a GPU: `python benchmarks/gpu_suite.py --out docs/benchmarks/gpu_suite.md` on one (see its docstring).
+    "gpu_suite": ("gpu_suite.py", ["--quick"], None),
 }
 
 

@@ -91,6 +91,11 @@ class TrainContext:
     """The train state with fresh optimizer states for the named groups (settings names)."""
     return self._trainer.reset_optimizer(state, group_names)
 
+  def share(self, value: Any) -> Any:
+    """Process 0's `value` (anything `json` writes) on every process: a host-side decision (a clustering) that
+    every process must take alike, computed on each and taken from process 0 (`distributed.broadcast_json`)."""
+    return distributed.broadcast_json(value)
+
 
 def carve_validation(records: data_lib.Records, fraction: float, seed: int):
   """Splits training records by class: (train, validation), both relabelled 0..C-1.
