@@ -47,7 +47,7 @@ from dml_jax.train import checkpoint as ckpt_lib
 from dml_jax.train import config as config_lib
 from dml_jax.train import distributed, logs, optim
 from dml_jax.train import step as step_lib
-from dml_jax.workdir_lock import WorkdirLock
+from dml_jax.workdir_lock import LOCK_NAME, WorkdirLock
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
@@ -206,6 +206,9 @@ class Trainer:
     self.config = config
     self.workdir = pathlib.Path(workdir)
     if not for_training and not ckpt_lib.has_committed_step(self.workdir):  # before any work, creating nothing
+      if jax.process_index() == 0 and (self.workdir / LOCK_NAME).exists():
+        # A training run that has not committed yet holds it: say that (WorkdirLockedError), not 'no checkpoint'.
+        WorkdirLock(self.workdir, echo=_echo).acquire().release()
       raise ckpt_lib.CheckpointError(f"no checkpoint under {self.workdir.absolute() / 'checkpoints'}",
                                      "train first (the same --workdir), or pass the --workdir of a training run")
     self.is_main = jax.process_index() == 0
