@@ -39,6 +39,8 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str] | None]] = {
                       ["--num_items", "20000", "--num_classes", "3800", "--repeats", "2", "--out",
                        "docs/benchmarks/dnc_recluster.md"]),
     "proxy_isa_step": ("proxy_isa_step.py", ["--quick"], ["--out", "docs/benchmarks/proxy_isa.md"]),
+    "dfml_step": ("dfml_step.py", ["--quick"],
+                  ["--batch", "8", "--steps", "5", "--warmup", "2", "--out", "docs/benchmarks/dfml.md"]),
 }
 
 

@@ -78,6 +78,9 @@ T_KMEANS = "tests/test_eval_kmeans.py"
 TRANSFORMS = "dml_jax/data/transforms.py"
 T_TRANSFORMS = "tests/test_data_transforms.py"
 VPTSP = "dml_jax/methods/vptsp.py"
+DFML = "dml_jax/methods/dfml.py"
+FVIT = "dml_jax/backbones/factorized_vit.py"
+T_DFML_GOLDEN = "tests/test_dfml.py::test_golden_numbers_of_the_authors_code"
 T_VPTSP_GRU = "tests/test_vptsp.py::test_gru_dropout_k1_and_tanh_match_torch_reference"
 T_LOSSES = "tests/test_losses.py"
 
@@ -308,10 +311,47 @@ MUTANTS: tuple[Mutant, ...] = (
        "    loss = (1.0 - r) * terms.domain + r * (terms.category + terms.discrepancy)",
        "tests/test_dada.py::test_discriminator_objective_matches_torch",
        "the discriminators' objective adding the category discrepancy instead of subtracting it"),
-    _m("dfml_distillation_not_detached", "method:dfml", "dml_jax/methods/dfml.py",
+    _m("dfml_distillation_not_detached", "method:dfml", DFML,
        "factorized_vit.safe_norm(m2 - jax.lax.stop_gradient(m1))", "factorized_vit.safe_norm(m2 - m1)",
-       "tests/test_dfml.py::test_golden_numbers_of_the_authors_code",
-       "the distillation target (the full stream) not detached: the teacher learns from the student"),
+       T_DFML_GOLDEN, "the distillation target (the full stream) not detached: the teacher learns from the student"),
+    _m("dfml_layer_divisor_is_depth", "method:dfml", DFML,
+       'o["layer_distill_weight"] / o["layer_distill_divisor"] * distill_layers',
+       'o["layer_distill_weight"] / match.attn_distance.shape[0] * distill_layers', T_DFML_GOLDEN,
+       "the matching terms divided by the model's depth instead of the code's literal 12 (equal only for DeiT-S)"),
+    _m("dfml_embedding_distill_mean", "method:dfml", DFML,
+       "distill_embedding = jnp.sum(factorized_vit.safe_norm(",
+       "distill_embedding = jnp.mean(factorized_vit.safe_norm(",
+       T_DFML_GOLDEN, "the embedding distillation averaged over the batch instead of the code's sum"),
+    _m("dfml_straight_through_hard_only", "method:dfml", FVIT, "  return jax.lax.stop_gradient(hard - soft) + soft",
+       "  return hard", "tests/test_dfml.py::test_straight_through_is_one_hot_forward_and_softmax_backward",
+       "the router's one-hot weights without the softmax's straight-through gradient: the routers never learn"),
+    _m("dfml_safe_norm_plain_sqrt", "method:dfml", FVIT,
+       "  return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)", "  return jnp.sqrt(sq)",
+       "tests/test_dfml.py::test_safe_norm_is_exact_and_has_zero_gradient_at_zero",
+       "a plain sqrt in the matching distances: NaN gradients where a routed token equals its target (torch's too)"),
+    _m("dfml_bias_not_split", "method:dfml", FVIT,
+       "out[key] = np.broadcast_to(value / value.dtype.type(g), (g,) + value.shape)",
+       "out[key] = np.broadcast_to(value, (g,) + value.shape)", T_DFML_GOLDEN,
+       "proj / fc2 biases copied whole into every sub-block: the summed sub-blocks are no longer the DeiT"),
+    _m("dfml_qkv_relayout_group_major", "method:dfml", FVIT,
+       "value.reshape(value.shape[0], 3, g, -1).transpose(2, 0, 1, 3)",
+       "value.reshape(value.shape[0], g, 3, -1).transpose(1, 0, 2, 3)", T_DFML_GOLDEN,
+       "the plain qkv columns read as (G, q|k|v) instead of timm's (q|k|v, heads): sub-blocks mix q, k and v"),
+    _m("dfml_mlp_router_reads_normalised", "method:dfml", FVIT, "    r_mlp = self.gate(xh1)",
+       "    r_mlp = self.gate(self.norm2(xh1))", T_DFML_GOLDEN,
+       "the MLP router on norm2(x) like the attention router, instead of the code's un-normalised stream"),
+    _m("dfml_attn_match_router_not_detached", "method:dfml", FVIT,
+       "    r_attn_detached = self.attn.gate(u, detach_input=True)", "    r_attn_detached = self.attn.gate(u)",
+       "tests/test_dfml.py::test_gradient_paths_follow_the_codes_detach_points",
+       "the attention matching term's router reading the un-detached tokens: its gradient reaches the backbone"),
+    _m("dfml_mlp_match_on_block_input", "method:dfml", FVIT,
+       "    d_mlp = sg(xh2) + self.mlp(self.norm2(sg(xh2)), r_mlp)",
+       "    d_mlp = sg(xh1) + self.mlp(self.norm2(sg(xh1)), r_mlp)", T_DFML_GOLDEN,
+       "the MLP matching term's routed MLP applied to the block's input after attention instead of its output "
+       "(the code applies it to the block's output)"),
+    _m("dfml_routed_stream_unrouted", "method:dfml", FVIT, "    xh1 = xh + proj.merge(heads, r_attn)",
+       "    xh1 = xh + proj.merge(heads)", T_DFML_GOLDEN,
+       "the routed stream's attention summing every sub-block (the full attention) instead of the routed one"),
     # -- methods: VPTSP-G -----------------------------------------------------------------------------------
     _m("vptsp_rnn_dropout_not_applied", "method:vptsp", VPTSP, "        if drop > 0:  # torch nn.Dropout",
        "        if drop > 1:  # torch nn.Dropout", T_VPTSP_GRU,

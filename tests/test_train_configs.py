@@ -193,6 +193,36 @@ def test_demo_proxy_isa_recipe_equals_its_stated_values():
   check_config(c)
 
 
+def test_demo_dfml_recipe_equals_its_stated_values():
+  # DFML's code constants (wangck20/DFML train.py: PA(m1) + 0.5 PA(m2) + 0.5 (0.1 sum ||m2 - sg(m1)|| +
+  # 0.00001 / 12 per block and term), alpha 32, mrg 0.1, 3 sub-blocks, AdamW with weight decay 1e-4, proxies at
+  # 100x lr, clamp 10, StepLR); the demo's docstring: a distilled DeiT of width 48, depth 2, 6 heads, 4x4
+  # patches on 32 px digits, lr 2e-3, batch 64, one warm-up epoch (proxies only), 16 epochs.
+  c = _load(os.path.join(CONFIG_DIR, "demo_dfml.py"))
+  assert c.method.to_dict() == dict(name="dfml", num_sub_blocks=3, routed_loss_weight=0.5, distill_loss_weight=0.5,
+                                    embedding_distill_weight=0.1, layer_distill_weight=1e-5,
+                                    layer_distill_divisor=12.0, loss=dict(alpha=32.0, margin=0.1))
+  assert (c.seed, c.num_epochs, c.dataset.name, c.dataset.image_size, c.dataset.resize_size) == (
+      0, 16, "digits", 32, 32)
+  assert (c.data.batch_size, c.data.eval_batch_size, c.data.sampler, tuple(c.data.scale), c.data.flip) == (
+      64, 128, "random", (0.6, 1.0), False)
+  assert c.model.backbone == "deit_small_distilled_patch16_224" and c.model.weights == ""
+  assert dict(c.model.backbone_overrides) == dict(img_size=32, patch_size=4, depth=2, embed_dim=48, num_heads=6)
+  assert c.model.embedding_dim == 48
+  assert (c.optim.optimizer, c.optim.lr, c.optim.weight_decay, c.optim.clip_value) == ("adamw", 2e-3, 1e-4, 10.0)
+  assert (c.optim.schedule.name, c.optim.schedule.step_size, c.optim.schedule.gamma) == ("step", 8, 0.5)
+  assert c.optim.groups == (("loss/.*", dict(name="proxies", lr_mult=100.0)),
+                            ("model/.*", dict(name="model", start_epoch=1)))
+  assert (tuple(c.eval.metrics), c.eval.every_epochs, c.eval.select_metric, c.eval.before_training) == (
+      ("recall", "map@r"), 4, "recall@1", True)
+  doc = " ".join(open(os.path.join(CONFIG_DIR, "demo_dfml.py")).read().split('"""')[1].split())
+  for stated in ("width 48, depth 2, 6 heads, 4x4 patches", "3 attention and 3 MLP sub-blocks", "(48-d)",
+                 "AdamW with decay on everything, proxies at 100x, clamp 10, StepLR",
+                 "one warm-up epoch in which only the proxies train", "(2e-3) and batch 64"):
+    assert stated in doc, stated
+  check_config(c)
+
+
 # Every config under configs/ is checked value by value against literal values (the authors' code, README or
 # paper, or the recipe its docstring states) by one of these tests. A pattern that matches no config yet is
 # allowed (a method still on its branch); one that matches must name an existing test.
@@ -208,6 +238,7 @@ RECIPE_TESTS = {
     "demo_proxy_isa.py": "test_train_configs.py::test_demo_proxy_isa_recipe_equals_its_stated_values",
     "dada_*.py": "test_dada_train.py::test_released_configs_equal_the_official_yaml",
     "dfml_*.py": "test_dfml_train.py::test_configs_equal_the_readme_commands",
+    "demo_dfml.py": "test_train_configs.py::test_demo_dfml_recipe_equals_its_stated_values",
 }
 
 
