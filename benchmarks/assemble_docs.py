@@ -14,6 +14,7 @@ SECTIONS = (  # (heading, file in docs/benchmarks/)
     ("input pipeline", "input_pipeline.md"),
     ("evaluation", "eval_metrics.md"),
     ("train step", "train_step.md"),
+    ("DADA iteration", "dada.md"),
 )
 
 

@@ -126,3 +126,49 @@ def test_normalizer_bgr_x255_for_bn_inception():
   np.testing.assert_allclose(transforms.Normalizer(cfg)(pixels), expected, atol=1e-4)
   batch = np.stack([pixels, pixels[::-1]])
   np.testing.assert_allclose(transforms.Normalizer(cfg)(batch)[0], expected, atol=1e-4)
+
+
+def _torchvision_autoaugment(img, policy, probs, signs):
+  """torchvision's AutoAugment (ImageNet policy, nearest, no fill) with its random choices given."""
+  aa = T.AutoAugment(T.AutoAugmentPolicy.IMAGENET)
+  aa.get_params = lambda num: (policy, torch.tensor(probs, dtype=torch.float32), torch.tensor(signs))
+  return aa(img)
+
+
+@pytest.mark.parametrize("signs", [(0, 0), (1, 1), (0, 1)])
+def test_autoaugment_equals_torchvision_for_every_sub_policy(signs):
+  # Probabilities 0 apply both steps of every sub-policy (the first step of sub-policy 12 has p = 0); the
+  # signs flip the signed magnitudes (rotate, shear, colour, contrast, sharpness).
+  img = Image.open(io.BytesIO(synthetic.image_bytes(5, (41, 30)))).convert("RGB")
+  for policy in range(len(transforms.AUTOAUGMENT_IMAGENET_POLICY)):
+    expected = np.asarray(_torchvision_autoaugment(img.copy(), policy, [0.0, 0.0], list(signs)))
+    got = np.asarray(transforms.autoaugment(img.copy(), policy, np.zeros(2), np.asarray(signs)))
+    np.testing.assert_array_equal(got, expected, err_msg=f"sub-policy {policy}, signs {signs}")
+
+
+def test_autoaugment_skips_steps_above_their_probability():
+  img = Image.open(io.BytesIO(synthetic.image_bytes(6, (33, 27)))).convert("RGB")
+  for policy, probs in [(0, [0.5, 0.1]), (14, [0.7, 0.99]), (18, [0.61, 0.2]), (2, [0.9, 0.9])]:
+    expected = np.asarray(_torchvision_autoaugment(img.copy(), policy, probs, [1, 0]))
+    got = np.asarray(transforms.autoaugment(img.copy(), policy, np.asarray(probs), np.asarray([1, 0])))
+    np.testing.assert_array_equal(got, expected, err_msg=f"sub-policy {policy}")
+  assert np.array_equal(np.asarray(transforms.autoaugment(img.copy(), 2, np.asarray([0.9, 0.9]), [1, 1])),
+                        np.asarray(img))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_autoaugment_then_crop_draws_in_torchvision_order(seed):
+  # Compose([AutoAugment(), RandomResizedCrop(32), RandomHorizontalFlip()]): AutoAugment's choices come first
+  # from the image's Generator, then the crop box, then the flip.
+  rng = np.random.default_rng(seed)
+  policy, probs, signs = transforms.autoaugment_params(rng)
+  top, left, h, w = transforms.random_resized_crop_params(rng, 60, 45)
+  flip = rng.random() < 0.5
+  augmented = _torchvision_autoaugment(_pil((60, 45), seed=seed).convert("RGB"), policy, probs.tolist(),
+                                       signs.tolist())
+  expected = TF.resized_crop(augmented, top, left, h, w, [32, 32], T.InterpolationMode.BILINEAR)
+  if flip:
+    expected = TF.hflip(expected)
+  got = transforms.train_transform(_pil((60, 45), seed=seed), np.random.default_rng(seed), size=32,
+                                   autoaugment_first=True)
+  np.testing.assert_array_equal(got, np.asarray(expected))
