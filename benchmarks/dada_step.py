@@ -19,8 +19,9 @@ of a discriminator-only iteration (= one backbone forward) and of a full iterati
 forward holds about 3x as many (forward, input gradient, kernel gradient), with two forwards about 4x.
 
 Each implementation runs in its own subprocess; reported: min / median / max seconds per iteration over --steps
-timed iterations after --warmup untimed ones, with the date, git commit, machine, load average before and after,
-library versions and the exact command. --out writes the figures as markdown.
+timed iterations after --warmup untimed ones (ours is compiled before those, its compilation time is reported
+apart; torch's first iterations include its allocator warm-up), with the date, git commit, machine, load average
+before and after, library versions and the exact command. --out writes the figures as markdown.
 
   python benchmarks/dada_step.py --batch 8 --steps 3 --warmup 1 --out docs/benchmarks/dada.md
   python benchmarks/dada_step.py --batch 90 --steps 20 --warmup 3      # the recipe's batch, on a GPU
@@ -95,11 +96,14 @@ def run_ours(args) -> dict:
                                       jax.random.key(1))
     return groups, jax.device_put(state, step_lib.replicated(mesh))
 
-  convolutions = {}
+  convolutions, compile_s = {}, 0.0
   for name, epoch in (("discriminator_only", 0), ("full", 1)):
     groups, state = state_for(epoch)
     lrs, ep = step_lib.learning_rate_args(groups, epoch)
+    t = time.perf_counter()
     text = cache.update_fn(groups, epoch).lower(state, data, lrs, ep).compile().as_text()
+    if name == "full":
+      compile_s = time.perf_counter() - t
     convolutions[name] = len(re.findall(r"= \S+ convolution\(", text))
 
   epoch = 1  # after CUB's warm-up: every group trains
@@ -121,7 +125,7 @@ def run_ours(args) -> dict:
   import optax
   return dict(times=times, warmup_s=warmup_s, cpu_per_step=(_cpu_seconds() - cpu0) / args.steps,
               device=f"{jax.devices()[0].platform} x{mesh.size} ({jax.devices()[0].device_kind})",
-              loss=float(metrics["loss"]), convolutions=convolutions,
+              loss=float(metrics["loss"]), convolutions=convolutions, compile_s=compile_s,
               versions=f"jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}")
 
 
@@ -215,11 +219,13 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
            f"Setting: configs/dada_cub_resnet50.py after its warm-up, random weights and images, {meta['image_size']} "
            f"px, batch {meta['batch']}, {NUM_CLASSES} classes{' (tiny ResNet)' if meta['tiny'] else ''}; "
            f"{meta['steps']} timed iterations after {meta['warmup']} untimed.", "",
-           "| impl | device | s/iteration min | median | max | CPU s/iteration | untimed first iterations (s) |",
-           "|---|---|---|---|---|---|---|"]
+           "| impl | device | s/iteration min | median | max | CPU s/iteration | untimed first iterations (s) | "
+           "compilation (s) |",
+           "|---|---|---|---|---|---|---|---|"]
   for r in rows:
+    compile_s = f"{r['compile_s']:.1f}" if r.get("compile_s") is not None else "-"
     lines.append(f"| {r['impl']} | {r['device']} | {r['min_s']:.3f} | {r['median_s']:.3f} | {r['max_s']:.3f} | "
-                 f"{r['cpu_s_per_step']:.2f} | {r['warmup_s']:.1f} |")
+                 f"{r['cpu_s_per_step']:.2f} | {r['warmup_s']:.1f} | {compile_s} |")
   ours = next((r for r in rows if r["impl"] == "ours" and r.get("convolutions")), None)
   if ours:
     conv = ours["convolutions"]
@@ -253,6 +259,7 @@ def main() -> None:
 
   command = "python " + " ".join([os.path.relpath(os.path.abspath(__file__), REPO)] + sys.argv[1:])
   load_before = os.getloadavg()[0]
+  started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
   rows = []
   env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
   for impl in args.impls:
@@ -267,13 +274,14 @@ def main() -> None:
     r = json.loads(lines[-1][len("RESULT "):])
     row = dict(impl=impl, min_s=min(r["times"]), median_s=statistics.median(r["times"]), max_s=max(r["times"]),
                times=r["times"], warmup_s=r["warmup_s"], cpu_s_per_step=r["cpu_per_step"], device=r["device"],
-               versions=r["versions"], loss=r["loss"], convolutions=r.get("convolutions"))
+               versions=r["versions"], loss=r["loss"], convolutions=r.get("convolutions"),
+               compile_s=r.get("compile_s"))
     rows.append(row)
     print(f"{impl:6s} batch {args.batch}: {row['median_s']:.3f} s/iteration median (min {row['min_s']:.3f}, "
           f"max {row['max_s']:.3f}; untimed {row['warmup_s']:.1f} s; CPU {row['cpu_s_per_step']:.2f} s/iteration) "
           f"on {row['device']}" + (f"; convolutions {row['convolutions']}" if row["convolutions"] else ""),
           flush=True)
-  meta = dict(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), commit=_git_commit(),
+  meta = dict(date=started, commit=_git_commit(),
               machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
               load_before=load_before, load_after=os.getloadavg()[0], python=platform.python_version(),
               command=command, batch=args.batch, image_size=args.image_size, steps=args.steps, warmup=args.warmup,
