@@ -14,6 +14,8 @@ SECTIONS = (  # (heading, file in docs/benchmarks/)
     ("input pipeline", "input_pipeline.md"),
     ("evaluation", "eval_metrics.md"),
     ("train step", "train_step.md"),
+    ("divide & conquer re-clustering", "dnc_recluster.md"),
+    ("Proxy-ISA step", "proxy_isa.md"),
     ("DADA iteration", "dada.md"),
 )
 

@@ -25,17 +25,23 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dml_jax.data import load_dataset, make_train_loader, prepare, synthetic  # noqa: E402
 from dml_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg  # noqa: E402
-from dml_jax.data import load_dataset, make_train_loader, prepare  # noqa: E402
 
 
 def write_tree(root: str, num_images: int, num_classes: int, seed: int = 0) -> None:
-  """CUB-layout JPEGs of about 500x375 (sizes vary like CUB's), smooth content plus sensor-like noise."""
+  """CUB-layout JPEGs of about 500x375 (sizes vary like CUB's), smooth content plus sensor-like noise.
+
+  Fewer than 200 classes take the first of each official split (the readers split CUB by class id) and
+  declare them in the subset file, as a partial tree must.
+  """
   rng = np.random.default_rng(seed)
+  class_ids = synthetic.split_class_ids(num_classes, 200, 100)
+  synthetic.write_subset_file(os.path.join(root, "cub200"), class_ids, 200)
   noise = rng.normal(0, 6, (520, 520, 3)).astype(np.float32)  # one field, cropped at random offsets
   for i in range(num_images):
-    c = i % num_classes
-    folder = os.path.join(root, "cub200", "images", f"{c + 1:03d}.class_{c}")
+    c = class_ids[i % num_classes]
+    folder = os.path.join(root, "cub200", "images", f"{c:03d}.class_{c}")
     os.makedirs(folder, exist_ok=True)
     w, h = (500, int(rng.integers(300, 400))) if rng.random() < 0.7 else (int(rng.integers(300, 400)), 500)
     small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)

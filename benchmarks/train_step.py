@@ -1,10 +1,10 @@
-"""Training-step throughput (images/s), dml_jax vs the same model in PyTorch/timm, full fine-tuning at 224 px.
+"""Training-step time, dml_jax against PyTorch (timm), side by side in one process, 224 px.
 
 Both sides run the Proxy-Anchor baseline step on random images (the data pipeline is not timed):
 backbone -> embedding head (ViT: Linear on the cls token; ResNet-50: GAP + GMP -> Linear) -> L2 ->
 Proxy-Anchor loss over 100 classes (alpha 32, margin 0.1) -> element-wise gradient clamp at 10 -> AdamW
 (wd 1e-4, proxies at 100x lr). Every parameter trains; ResNet BatchNorm uses batch statistics (torch
-train mode) on both sides.
+train mode) on both sides. Random initialisation: step time does not depend on the weights.
 
   ours   dml_jax: the trainer's own update step (dml_jax.train.step: jitted, donated, data-parallel over
          all local devices), float32 or --dtype bfloat16 compute with float32 parameters.
@@ -12,32 +12,52 @@ train mode) on both sides.
          ProxyAnchorLoss + torch.optim.AdamW on one device (CUDA if available, else CPU with all
          cores); --dtype bfloat16 uses torch.autocast.
 
-Prompt tuning: `vit_s16_vptsp` is VPTSP-G (docs/methods/vptsp.md) on the same ViT-S/16 at the same
-batch, with the Cars196 ViT-S recipe (task prompts N = 80 in 11 blocks, class prompts m = 50 in 8 blocks,
-BitFit, GRU semantic proxies, E = 384, AdamW; batches of B/2 classes x 2): the frozen ViT gets no
-gradient, but the step runs two ViT passes (sample tower with task prompts, proxy tower with class
-prompts). Its torch side restates the official step (architectures/peft_vit.py, criteria/
-dml_proxy_peft.py) on timm. The last lines give prompt tuning / full fine-tuning per implementation.
+Prompt tuning: `vit_s16_vptsp` is VPTSP-G on the same ViT-S/16 at the same batch, with the Cars196 ViT-S
+recipe (task prompts N = 80 in 11 blocks, class prompts m = 50 in 8 blocks, BitFit, GRU semantic proxies,
+E = 384, AdamW; batches of B/2 classes x 2): the frozen ViT gets no gradient, but the step runs two ViT
+passes (sample tower with task prompts, proxy tower with class prompts). Its torch side restates the
+authors' step (their architectures/peft_vit.py and criteria/dml_proxy_peft.py) on timm.
 
-Each (model, implementation) runs in its own subprocess. Reported: median seconds per step over --steps
-timed steps after --warmup untimed ones (which include XLA compilation, reported separately), images/s =
-batch / median, and process CPU seconds per step.
+Protocol (A-B-A-B): each model runs in its own child process, which builds the step of every
+implementation, runs --warmup untimed steps of each (compilation included; reported), then --steps
+rounds that each time one step of every implementation in turn, so that load changes on a shared machine
+hit all sides alike. Reported per implementation: min / median / max seconds per step, images/s at the
+median, process CPU seconds per step; and the median over rounds of the per-round ratio of step times
+(paired, so robust to load drift). The load average is recorded before and after every child and after
+every round. The output and the --json file carry the date, git commit, versions and the command.
 
-  python benchmarks/train_step.py --batch 8 --steps 5
-  python benchmarks/train_step.py --models vit_s16 --impls ours --batch 256 --steps 50 --dtype bfloat16
-  python benchmarks/train_step.py --models vit_s16 vit_s16_vptsp --batch 8 --steps 5
+  python benchmarks/train_step.py --models vit_s16 vit_s16_vptsp --batch 16 --steps 8 --json /tmp/ts.json
+  python benchmarks/train_step.py --models resnet50 --batch 16 --steps 5 --trace /tmp/trace
+  python benchmarks/train_step.py --models vit_s16 --impls ours --hlo-report /tmp/hlo   # also on a GPU
+
+--hlo-report DIR compiles our update step on whatever backend jax finds (CPU, GPU), writes its HLO before
+(backend-independent) and after optimisation to DIR and prints what exposes XLA recomputing the backward
+chain across blocks: dot_generals contracting several axes before optimisation; the largest fusion by
+operand count, the fusions over 32 operands and the bytes accessed after; for vit_s16 also the largest
+fusion at depths 2 and 4, which grows with depth when XLA recomputes (tests/test_vit_fusion.py checks the
+same on a tiny ViT).
+
+--trace DIR runs one more step of each implementation under jax.profiler / torch.profiler and prints the
+time per op, summed over threads (XLA: HLO instruction with the jax op it came from; torch: aten op).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import dataclasses
+import datetime
+import glob
 import json
 import os
 import platform
+import re
+import shlex
 import statistics
 import subprocess
 import sys
 import time
+from typing import Any, Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -50,6 +70,19 @@ MODELS = {
 NUM_CLASSES = 100
 EMBEDDING = 512
 LR = 1e-4
+_BIG_FUSION = 32  # operands; ViT-S/16 step: up to 180 when XLA recomputed the backward chain, 15 without
+
+
+@dataclasses.dataclass
+class Impl:
+  """One implementation's step, ready to run: `step()` runs one update and waits for it, returning the loss."""
+  step: Callable[[], float]
+  device: str
+  versions: str
+  trainable: int | None = None
+  compiled: Any = None  # ours: the compiled XLA executable (optimised HLO, cost analysis)
+  lowered: Any = None  # ours: the step before XLA's optimisation passes (backend-independent StableHLO)
+  warmup_s: float = 0.0
 
 
 def _cpu_seconds() -> float:
@@ -58,7 +91,8 @@ def _cpu_seconds() -> float:
 
 
 def _vptsp_cars_config():
-  """configs/vptsp_cars_vits.py (the official Cars ViT-S/16 setting) on a random-init ViT: no weights needed."""
+  """configs/vptsp_cars_vits.py, the authors' Cars196 ViT-S/16 setting, on a random frozen ViT (same step time,
+  no converted weights needed)."""
   import importlib.util
 
   spec = importlib.util.spec_from_file_location("vptsp_cars_vits", os.path.join(REPO, "configs", "vptsp_cars_vits.py"))
@@ -69,17 +103,11 @@ def _vptsp_cars_config():
   return c
 
 
-def run_ours(model: str, batch: int, steps: int, warmup: int, dtype: str) -> dict:
-  import jax
-  import numpy as np
-
+def _ours_config(model: str, batch: int, dtype: str, depth: int | None = None):
   from dml_jax import methods
-  from dml_jax import pytree as tree_lib
-  from dml_jax.train import optim, step as step_lib
   from dml_jax.train.config import default_config
 
-  vptsp = MODELS[model]["head"] == "vptsp"
-  if vptsp:
+  if MODELS[model]["head"] == "vptsp":
     c = _vptsp_cars_config()
     c.data.batch_size = batch
   else:
@@ -90,7 +118,22 @@ def run_ours(model: str, batch: int, steps: int, warmup: int, dtype: str) -> dic
     c.model.backbone = MODELS[model]["ours"]
     c.model.embedding_dim = EMBEDDING
     c.optim.lr = LR
+  if depth is not None:
+    c.model.backbone_overrides.depth = depth
   c.compute_dtype = dtype
+  return c
+
+
+def make_ours(model: str, batch: int, dtype: str, depth: int | None = None) -> Impl:
+  """The trainer's update step, compiled ahead of time (the same executable `jax.jit` would run)."""
+  import jax
+  import numpy as np
+
+  from dml_jax import methods
+  from dml_jax import pytree as tree_lib
+  from dml_jax.train import optim, step as step_lib
+
+  c = _ours_config(model, batch, dtype, depth)
   method = methods.build(c, num_classes=NUM_CLASSES)
   params, method_state = method.init(jax.random.key(0))
   plan = optim.ParamPlan(c.optim, list(tree_lib.flatten(params)), selectors=method.param_selectors(params))
@@ -102,7 +145,7 @@ def run_ours(model: str, batch: int, steps: int, warmup: int, dtype: str) -> dic
   state = step_lib.init_train_state(params, method_state, optim.init_group_states(phase, params), jax.random.key(1))
   state = jax.device_put(state, step_lib.replicated(mesh))
   rng = np.random.default_rng(0)
-  if vptsp:  # B/k distinct classes, k contiguous images each (the class_random sampler)
+  if MODELS[model]["head"] == "vptsp":  # B/k distinct classes, k contiguous images each (the class_random sampler)
     k = c.data.samples_per_class
     labels = np.repeat(rng.choice(NUM_CLASSES, batch // k, replace=False), k)
   else:
@@ -110,28 +153,25 @@ def run_ours(model: str, batch: int, steps: int, warmup: int, dtype: str) -> dic
   data = step_lib.shard_batch({"image": rng.normal(size=(batch, 224, 224, 3)).astype(np.float32),
                                "label": labels.astype(np.int32)}, mesh)
   lrs, epoch = step_lib.learning_rate_args(phase, 0)
-  update = cache.update_fn(phase, 0)
-  t0 = time.perf_counter()
-  for _ in range(warmup):
-    state, metrics = update(state, data, lrs, epoch)
-    jax.block_until_ready(metrics["loss"])
-  warmup_s = time.perf_counter() - t0
-  times, cpu0 = [], _cpu_seconds()
-  for _ in range(steps):
-    t = time.perf_counter()
-    state, metrics = update(state, data, lrs, epoch)
-    jax.block_until_ready(metrics["loss"])
-    times.append(time.perf_counter() - t)
+  lowered = cache.update_fn(phase, 0).lower(state, data, lrs, epoch)
+  compiled = lowered.compile()
+  current = [state]
+
+  def step() -> float:
+    current[0], metrics = compiled(current[0], data, lrs, epoch)
+    return float(metrics["loss"])  # waits for the step
+
   flat = tree_lib.flatten(params)
-  return dict(times=times, warmup_s=warmup_s, cpu_per_step=(_cpu_seconds() - cpu0) / steps,
-              device=f"{jax.devices()[0].platform} x{mesh.size} ({jax.devices()[0].device_kind})",
-              loss=float(metrics["loss"]), versions=f"jax {jax.__version__}",
-              trainable=sum(int(flat[p].size) for p in phase.trainable))
+  dev = jax.devices()[0]
+  return Impl(step=step, device=f"{dev.platform} x{mesh.size} ({dev.device_kind})",
+              versions=f"jax {jax.__version__}", trainable=sum(int(flat[p].size) for p in phase.trainable),
+              compiled=compiled, lowered=lowered)
 
 
-def run_torch(model: str, batch: int, steps: int, warmup: int, dtype: str) -> dict:
+def make_torch(model: str, batch: int, dtype: str) -> Impl:
+  """timm + torch.nn.Linear + PML's ProxyAnchorLoss + AdamW; VPTSP-G: the official step restated on timm."""
   if MODELS[model]["head"] == "vptsp":
-    return run_torch_vptsp(batch, steps, warmup, dtype)
+    return make_torch_vptsp(batch, dtype)
   import numpy as np
   import timm
   import torch
@@ -172,10 +212,10 @@ def run_torch(model: str, batch: int, steps: int, warmup: int, dtype: str) -> di
     opt.step()
     return loss
 
-  return _time_torch(step, device, steps, warmup)
+  return _torch_impl(step, device)
 
 
-def run_torch_vptsp(batch: int, steps: int, warmup: int, dtype: str) -> dict:
+def make_torch_vptsp(batch: int, dtype: str) -> Impl:
   """The official VPTSP-G step (architectures/peft_vit.py, criteria/dml_proxy_peft.py) restated on timm."""
   import numpy as np
   import timm
@@ -267,37 +307,228 @@ def run_torch_vptsp(batch: int, steps: int, warmup: int, dtype: str) -> dict:
     container = container.detach()
     return loss
 
-  return _time_torch(step, device, steps, warmup, trainable=sum(p.numel() for p in main) + bias.numel())
+  return _torch_impl(step, device, trainable=sum(p.numel() for p in main) + bias.numel())
 
 
-def _time_torch(step, device: str, steps: int, warmup: int, **extra) -> dict:
+def _torch_impl(step: Callable, device: str, **extra) -> Impl:
   import timm
   import torch
 
-  def sync():
+  def run() -> float:
+    loss = step()
     if device == "cuda":
       torch.cuda.synchronize()
+    return float(loss.detach())
 
-  t0 = time.perf_counter()
-  for _ in range(warmup):
-    loss = step()
-    sync()
-  warmup_s = time.perf_counter() - t0
-  times, cpu0 = [], _cpu_seconds()
-  for _ in range(steps):
-    t = time.perf_counter()
-    loss = step()
-    sync()
-    times.append(time.perf_counter() - t)
   name = torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-  return dict(times=times, warmup_s=warmup_s, cpu_per_step=(_cpu_seconds() - cpu0) / steps, device=name,
-              loss=float(loss), versions=f"torch {torch.__version__}, timm {timm.__version__}", **extra)
+  return Impl(step=run, device=name, versions=f"torch {torch.__version__}, timm {timm.__version__}", **extra)
 
+
+# -- HLO fusion statistics ----------------------------------------------------------------------------------
+
+# `%name = f32[...] fusion(%a, %b, ...), kind=kLoop, calls=...` (one instruction per line in HLO text).
+_FUSION_RE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\bfusion\((.*?)\),\s*kind=(\w+)")
+
+
+def fusion_stats(hlo_text: str) -> dict:
+  """Fusions in an optimised HLO module: count, largest by operand count, those over _BIG_FUSION operands."""
+  fusions = []
+  for line in hlo_text.splitlines():
+    m = _FUSION_RE.match(line)
+    if m:
+      fusions.append((len([o for o in m.group(2).split(",") if o.strip()]), m.group(1), m.group(3)))
+  fusions.sort(reverse=True)
+  return dict(fusions=len(fusions), largest=fusions[0][0] if fusions else 0,
+              largest_names=[f"{name} ({kind}, {n})" for n, name, kind in fusions[:3]],
+              over_threshold=sum(n > _BIG_FUSION for n, _, _ in fusions))
+
+
+def _cost(compiled) -> dict:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return {k: float(cost[k]) for k in ("flops", "bytes accessed") if cost and k in cost}
+
+
+def hlo_report(model: str, batch: int, dtype: str, out_dir: str, impl: Impl | None = None) -> dict:
+  """Writes our step's HLO before and after optimisation to out_dir; returns fusion statistics.
+
+  Before optimisation (backend-independent): dot_generals that contract more than one axis, e.g. a weight
+  gradient over [B, N, D] tokens, which XLA canonicalises with a transposed copy of an operand. After
+  (backend-specific): the fusion statistics, and for the ViTs the largest fusion at depths 2 and 4.
+  """
+  import jax
+
+  os.makedirs(out_dir, exist_ok=True)
+  impl = impl or make_ours(model, batch, dtype)
+  stem = os.path.join(out_dir, f"{model}_{jax.default_backend()}_b{batch}_{dtype}")
+  pre = impl.lowered.as_text()
+  with open(stem + ".pre.txt", "w") as f:
+    f.write(pre)
+  text = impl.compiled.as_text()
+  with open(stem + ".hlo.txt", "w") as f:
+    f.write(text)
+  multi_axis = len(re.findall(r"contracting_dims = \[\d+(?:, \d+)+\] x", pre))
+  report = dict(model=model, backend=jax.default_backend(), hlo=stem + ".hlo.txt", multi_axis_dots=multi_axis,
+                **fusion_stats(text), **_cost(impl.compiled))
+  if MODELS[model]["head"] == "linear":  # depth scaling (prompt recipes fix their own depths)
+    report["largest_by_depth"] = [[d, fusion_stats(make_ours(model, batch, dtype, depth=d).compiled.as_text())[
+        "largest"]] for d in (2, 4)]
+  return report
+
+
+def _print_hlo_report(r: dict) -> None:
+  line = (f"HLO {r['model']} on {r['backend']}: before optimisation {r['multi_axis_dots']} dot_generals "
+          f"contracting several axes; after: {r['fusions']} fusions, largest {r['largest']} operands "
+          f"({', '.join(r['largest_names'])}), {r['over_threshold']} over {_BIG_FUSION} operands")
+  if "bytes accessed" in r:
+    line += f", {r['bytes accessed'] / 1e9:.2f} GB accessed, {r['flops'] / 1e9:.1f} GFLOP"
+  if "largest_by_depth" in r:
+    (d0, n0), (d1, n1) = r["largest_by_depth"]
+    grows = n1 > n0
+    line += (f"; largest fusion at depth {d0} / {d1}: {n0} / {n1} operands -> "
+             f"{'RECOMPUTES the backward chain' if grows else 'no recomputation'}")
+  print(line + f"; HLO in {r['hlo']} (and .pre.txt)", flush=True)
+
+
+# -- per-op traces ------------------------------------------------------------------------------------------
+
+def _hlo_op_sources(hlo_text: str) -> dict[str, str]:
+  """ENTRY instruction name -> 'opcode[kind] <- jax op' from the optimised HLO's metadata."""
+  sources = {}
+  for line in hlo_text.splitlines():
+    m = re.match(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\S+\s+([\w\-]+)\(", line)
+    if not m:
+      continue
+    kind = re.search(r"kind=(\w+)", line)
+    op_name = re.search(r'op_name="([^"]*)"', line)
+    jax_op = op_name.group(1).split("/")[-1] if op_name else "?"
+    if op_name and "transpose(" in op_name.group(1):
+      jax_op += " (bwd)"
+    sources[m.group(1)] = f"{m.group(2)}{'[' + kind.group(1) + ']' if kind else ''} <- {jax_op}"
+  return sources
+
+
+def trace_ours(impl: Impl, out_dir: str, top: int) -> list[tuple[str, float, int]]:
+  """One step under jax.profiler; returns (op, seconds summed over threads, calls), largest first."""
+  import jax
+
+  os.makedirs(out_dir, exist_ok=True)
+  with jax.profiler.trace(out_dir):
+    impl.step()
+  path = max(glob.glob(os.path.join(out_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+  sources = _hlo_op_sources(impl.compiled.as_text())
+  totals, calls = collections.Counter(), collections.Counter()
+  for plane in jax.profiler.ProfileData.from_file(path).planes:
+    for line in plane.lines:
+      for event in line.events:
+        op = dict(event.stats).get("hlo_op")
+        if op:
+          totals[op] += event.duration_ns / 1e9
+          calls[op] += 1
+  by_source = collections.Counter()
+  for op, seconds in totals.items():
+    by_source[sources.get(op, "?")] += seconds
+  print(f"  ours: {sum(totals.values()):.3f} s in HLO ops; by kind <- jax op:", flush=True)
+  for source, seconds in by_source.most_common(top):
+    print(f"    {seconds:8.3f} s  {source}")
+  print("  ours: largest single HLO ops:")
+  for op, seconds in totals.most_common(top):
+    print(f"    {seconds:8.3f} s  x{calls[op]:<3d} {op}  ({sources.get(op, '?')})")
+  return [(op, s, calls[op]) for op, s in totals.most_common()]
+
+
+def trace_torch(impl: Impl, top: int) -> list[tuple[str, float, int]]:
+  """One step under torch.profiler (CPU activities); returns (aten op, self seconds, calls)."""
+  import torch
+
+  with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    impl.step()
+  rows = sorted(((e.key, e.self_cpu_time_total / 1e6, e.count) for e in prof.key_averages()), key=lambda r: -r[1])
+  print(f"  torch: {sum(r[1] for r in rows):.3f} s self CPU time in ops; largest:", flush=True)
+  for key, seconds, count in rows[:top]:
+    print(f"    {seconds:8.3f} s  x{count:<3d} {key}")
+  return rows
+
+
+# -- the side-by-side child and the driver ------------------------------------------------------------------
 
 def _child(args) -> None:
-  fn = run_ours if args.impl == "ours" else run_torch
-  result = fn(args.model, args.batch, args.steps, args.warmup, args.dtype)
-  print("RESULT " + json.dumps(result))
+  model, impls = args.model, args.impls
+  load_before = os.getloadavg()
+  built: dict[str, Impl] = {}
+  for impl in impls:
+    t0 = time.perf_counter()
+    built[impl] = (make_ours(model, args.batch, args.dtype) if impl == "ours"
+                   else make_torch(model, args.batch, args.dtype))
+    for _ in range(args.warmup):
+      built[impl].step()
+    built[impl].warmup_s = time.perf_counter() - t0  # build + compile + warm-up steps
+  rounds = []
+  for _ in range(args.steps):  # A-B-A-B: one step of each implementation per round
+    row = {}
+    for name, impl in built.items():
+      cpu0, t = _cpu_seconds(), time.perf_counter()
+      loss = impl.step()
+      row[name] = dict(s=time.perf_counter() - t, cpu_s=_cpu_seconds() - cpu0, loss=loss)
+    row["load1"] = os.getloadavg()[0]
+    rounds.append(row)
+  result = dict(model=model, load_before=load_before, load_after=os.getloadavg(), rounds=rounds,
+                impls={name: dict(device=i.device, versions=i.versions, trainable=i.trainable, warmup_s=i.warmup_s)
+                       for name, i in built.items()})
+  if args.hlo_report and "ours" in built:
+    result["hlo"] = hlo_report(model, args.batch, args.dtype, args.hlo_report, built["ours"])
+  if args.trace:
+    print(f"RESULT {json.dumps(result)}", flush=True)  # the timings survive a failing trace
+    for name, impl in built.items():
+      print(f"per-op trace, {model} {name} (one step, load {os.getloadavg()[0]:.2f}):", flush=True)
+      if name == "ours":
+        result["trace_ours"] = trace_ours(impl, os.path.join(args.trace, f"{model}_ours"), args.trace_top)
+      else:
+        result["trace_torch"] = trace_torch(impl, args.trace_top)
+  print(f"RESULT {json.dumps(result)}", flush=True)
+
+
+def _stamp(argv: list[str]) -> dict:
+  from importlib import metadata
+
+  def version(pkg: str) -> str:
+    try:
+      return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+      return "-"
+
+  def git(*cmd: str) -> str:
+    try:
+      return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+      return "?"
+
+  cpu = "?"
+  if os.path.exists("/proc/cpuinfo"):
+    with open("/proc/cpuinfo") as f:
+      cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "?")
+  return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              commit=git("rev-parse", "--short", "HEAD") + (" (modified)" if git("status", "--porcelain",
+                                                                                  "--untracked-files=no") else ""),
+              command=" ".join(shlex.quote(a) for a in [sys.executable] + argv),
+              python=platform.python_version(), machine=f"{platform.machine()}, {os.cpu_count()} CPUs, {cpu}",
+              versions={p: version(p) for p in ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "timm",
+                                                 "pytorch-metric-learning")},
+              xla_flags=os.environ.get("XLA_FLAGS", ""))
+
+
+def _summary(result: dict, batch: int, dtype: str) -> list[dict]:
+  rows = []
+  rounds = result["rounds"]
+  for name, info in result["impls"].items():
+    times = [r[name]["s"] for r in rounds]
+    median = statistics.median(times)
+    rows.append(dict(model=result["model"], impl=name, batch=batch, dtype=dtype, min_s=min(times), median_s=median,
+                     max_s=max(times), images_per_s=batch / median,
+                     cpu_s_per_step=statistics.mean(r[name]["cpu_s"] for r in rounds), warmup_s=info["warmup_s"],
+                     loss=rounds[-1][name]["loss"], device=info["device"], versions=info["versions"],
+                     trainable=info["trainable"]))
+  return rows
 
 
 def main() -> None:
@@ -305,49 +536,69 @@ def main() -> None:
   p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
   p.add_argument("--impls", nargs="+", default=["ours", "torch"], choices=["ours", "torch"])
   p.add_argument("--batch", type=int, default=8, help="global batch (images per step)")
-  p.add_argument("--steps", type=int, default=5, help="timed steps")
+  p.add_argument("--steps", type=int, default=5, help="timed rounds (one step of each implementation per round)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator warm-up)")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  p.add_argument("--json", default="", help="also write the results to this file")
+  p.add_argument("--json", default="", help="also write the results (every round) to this file")
+  p.add_argument("--hlo-report", default="", metavar="DIR", help="write our optimised HLO and its fusion statistics")
+  p.add_argument("--trace", default="", metavar="DIR", help="per-op trace of one more step of each implementation")
+  p.add_argument("--trace-top", type=int, default=25, help="ops listed per trace")
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--model", help=argparse.SUPPRESS)
-  p.add_argument("--impl", help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.child:
     _child(args)
     return
 
-  rows = []
+  stamp = _stamp(sys.argv)
+  print(f"train_step benchmark, {stamp['date']}, commit {stamp['commit']}\n  command: {stamp['command']}\n"
+        f"  {stamp['machine']}; python {stamp['python']}; "
+        + ", ".join(f"{k} {v}" for k, v in stamp["versions"].items())
+        + (f"; XLA_FLAGS={stamp['xla_flags']}" if stamp["xla_flags"] else ""), flush=True)
   env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  # Both stacks share one GPU in a child: jax must not grab 75 % of its memory up front.
+  env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  rows, results = [], []
   for model in args.models:
-    for impl in args.impls:
-      cmd = [sys.executable, os.path.abspath(__file__), "--child", "--model", model, "--impl", impl, "--batch",
-             str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup), "--dtype", args.dtype]
-      proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-      lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-      if proc.returncode or not lines:
-        print(f"{model} {impl} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
-        continue
-      r = json.loads(lines[-1][len("RESULT "):])
-      median = statistics.median(r["times"])
-      row = dict(model=model, impl=impl, batch=args.batch, dtype=args.dtype, median_s=median,
-                 images_per_s=args.batch / median, min_s=min(r["times"]), warmup_s=r["warmup_s"],
-                 cpu_s_per_step=r["cpu_per_step"], device=r["device"], versions=r["versions"], loss=r["loss"],
-                 trainable=r.get("trainable"))
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--model", model, "--impls", *args.impls,
+           "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup), "--dtype",
+           args.dtype, "--hlo-report", args.hlo_report, "--trace", args.trace, "--trace-top", str(args.trace_top)]
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout.splitlines():
+      if not line.startswith("RESULT "):
+        print(line)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode:
+      print(f"{model} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+    if not lines:
+      continue
+    result = json.loads(lines[-1][len("RESULT "):])
+    results.append(result)
+    per_round = " ".join(f"{r['load1']:.2f}" for r in result["rounds"])
+    print(f"{model}: load average {result['load_before'][0]:.2f} before, {result['load_after'][0]:.2f} after; "
+          f"after each round: {per_round}")
+    for row in _summary(result, args.batch, args.dtype):
       rows.append(row)
-      print(f"{model:9s} {impl:6s} batch {args.batch:4d} {args.dtype:9s} {row['images_per_s']:9.2f} images/s "
-            f"(median {median:.3f} s/step, min {row['min_s']:.3f}, warm-up {row['warmup_s']:.1f} s, "
-            f"CPU {row['cpu_s_per_step']:.2f} s/step) on {row['device']}", flush=True)
+      print(f"  {row['impl']:6s} batch {args.batch:4d} {args.dtype:9s} {row['images_per_s']:8.2f} images/s  "
+            f"s/step min {row['min_s']:.3f} median {row['median_s']:.3f} max {row['max_s']:.3f}  "
+            f"CPU {row['cpu_s_per_step']:.2f} s/step  build+warm-up {row['warmup_s']:.1f} s  on {row['device']}",
+            flush=True)
+    if {"ours", "torch"} <= set(result["impls"]):
+      ratios = [r["ours"]["s"] / r["torch"]["s"] for r in result["rounds"]]
+      print(f"  ours / torch step time: median {statistics.median(ratios):.2f}x over {len(ratios)} rounds "
+            f"(min {min(ratios):.2f}, max {max(ratios):.2f}); torch / ours = speed of ours relative to torch "
+            f"{1 / statistics.median(ratios):.2f}x", flush=True)
+    if "hlo" in result:
+      _print_hlo_report(result["hlo"])
   by_key = {(r["model"], r["impl"]): r for r in rows}
   for impl in args.impls:
     full, prompt = by_key.get(("vit_s16", impl)), by_key.get(("vit_s16_vptsp", impl))
     if full and prompt:
       print(f"{impl}: prompt tuning (VPTSP-G) / full fine-tuning, ViT-S/16 batch {args.batch}: "
             f"{prompt['median_s'] / full['median_s']:.2f}x the step time", flush=True)
-  meta = dict(python=platform.python_version(), machine=platform.machine(), cpus=os.cpu_count())
   if args.json:
     with open(args.json, "w") as f:
-      json.dump(dict(meta=meta, rows=rows), f, indent=2)
+      json.dump(dict(meta=stamp, rows=rows, results=results), f, indent=2)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,12 @@ through its interface):
   losses     pure jittable loss functions.
   methods    one module per paper.
   train      optimizer groups, the sharded update step, the epoch loop, checkpoints.
-  eval       sharded embedding, kNN backends, retrieval and clustering metrics.
+  eval       sharded embedding, kNN backends, retrieval and clustering metrics, saved embeddings.
+Modules with a command line: evaluate (saved embeddings), retrieve (FAISS index over a folder of images),
+plot (the PNGs of a run).
+
+Reliability (docs/reliability.md): `errors` (UserError), `cli` (one `error:` line, exit statuses),
+`workdir_lock` (one run per workdir), `preemption` (save and stop on SIGTERM / SIGINT).
 """
 
 __version__ = "0.1.0"

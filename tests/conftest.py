@@ -15,3 +15,17 @@ from absl import flags  # noqa: E402
 
 # grain's multiprocessing workers read absl flags; outside absl.app.run they are unparsed.
 flags.FLAGS.mark_as_parsed()
+
+
+import pytest  # noqa: E402
+
+from reference import References  # noqa: E402
+
+
+# Every test that takes `ref` runs twice: '[file]' against the committed references (the default run, no
+# torch needed) and '[live]' against the real libraries (`pytest -m parity`). Module scope: a module's
+# expensive fixtures built on `ref` are built once per mode.
+@pytest.fixture(scope="module", params=["file", pytest.param("live", marks=pytest.mark.parity)])
+def ref(request) -> References:
+  return References(request.param, test=str(pathlib.Path(request.module.__file__).relative_to(
+      pathlib.Path(__file__).resolve().parent.parent)))

@@ -38,6 +38,7 @@ def _base(method: str) -> ml_collections.ConfigDict:
   c.log.every_steps = 1
   c.log.progress = False
   c.log.tensorboard = False
+  c.log.plots = False
   return c
 
 
@@ -67,6 +68,39 @@ def vptsp() -> ml_collections.ConfigDict:
   return c
 
 
+def divide_and_conquer() -> ml_collections.ConfigDict:
+  """D&C's recipe on a tiny ResNet: Adam with coupled L2, backbone frozen on even epochs, masks x100."""
+  c = _base("divide_and_conquer")
+  c.method.num_clusters = 4
+  c.method.mod_epoch = 1
+  c.method.force_full_embedding_epoch = 2
+  c.data.samples_per_class = 2
+  c.model.backbone = "resnet50"
+  c.model.backbone_overrides = ml_collections.ConfigDict(TINY_RESNET)
+  c.optim.optimizer = "adam"
+  c.optim.weight_decay = 1e-4
+  c.optim.groups = (("model/masks", dict(name="masks", lr_mult=100.0, stop_epoch=2)),
+                    ("model/backbone/.*", dict(name="backbone", lr_cycle=(0.0, 1.0))))
+  return c
+
+
+def proxy_isa() -> ml_collections.ConfigDict:
+  """Proxy-ISA on a tiny ResNet (GAP + GMP head, BN frozen, BN scale/bias frozen as with --warm 0), a 32-row memory
+  from epoch 0 and the outlier filter from epoch 1, Adam with coupled L2."""
+  c = _base("proxy_isa")
+  c.method.head = "gap_gmp_linear"
+  c.method.bn_freeze = True
+  c.method.memory_size = 32
+  c.method.start_epoch = 0
+  c.model.backbone = "resnet50"
+  c.model.backbone_overrides = ml_collections.ConfigDict(TINY_RESNET)
+  c.optim.optimizer = "adam"
+  c.optim.clip_value = 10.0
+  c.optim.groups = (("@batchnorm", dict(name="batchnorm", frozen=True)),
+                    ("loss/.*", dict(name="proxies", lr_mult=100.0)))
+  return c
+
+
 def dada() -> ml_collections.ConfigDict:
   """DADA on a tiny ResNet with BatchNorm statistics in training mode (SOP / In-Shop arch), intra-class mixup,
   three optimizer groups; epoch 0 trains the discriminators alone, the backbone starts in epoch 2."""
@@ -85,4 +119,5 @@ def dada() -> ml_collections.ConfigDict:
   return c
 
 
-TINY_CONFIGS = {"dada": dada, "metric_loss": metric_loss, "vptsp": vptsp}
+TINY_CONFIGS = {"dada": dada, "divide_and_conquer": divide_and_conquer, "metric_loss": metric_loss,
+                "proxy_isa": proxy_isa, "vptsp": vptsp}

@@ -1,4 +1,7 @@
-"""Prepared ArrayRecord shards: same records as the raw folders, shrunk images, CLI and auto-detection."""
+"""Prepared ArrayRecord shards: same records as the raw folders, shrunk images, CLI and auto-detection.
+
+torchvision's resize comes from tests/references (`ref` fixture, tests/reference.py).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,6 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
-from torchvision import transforms as T
 
 from dml_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
 from dml_jax.data import load_dataset, make_train_loader, prepare, synthetic
@@ -23,7 +25,7 @@ def _same_records(raw, prepared):
   assert all(p.startswith(r + " [prepared ") for r, p in zip(raw.paths, prepared.paths))
 
 
-def test_prepared_equals_raw_and_trains_identically(tmp_path):
+def test_prepared_equals_raw_and_trains_identically(ref, tmp_path):
   root, out = tmp_path / "raw", tmp_path / "prepared"
   synthetic.cub_folders(str(root), "cub200", num_classes=6, size=(36, 30))
   # One PNG, one grayscale JPEG and one large image that must be shrunk.
@@ -46,7 +48,14 @@ def test_prepared_equals_raw_and_trains_identically(tmp_path):
   big = int(np.flatnonzero([p.endswith("zz_big.jpg") for p in raw.train.paths])[0])
   shrunk = prep.train[big]["image"]
   assert shrunk.shape == (48, 64, 3)
-  expected = np.asarray(T.Resize(48)(Image.fromarray(raw.train[big]["image"])))
+  original = raw.train[big]["image"]
+
+  def compute():  # torchvision's resize of the shorter side: the reference for the shrunk image
+    from torchvision import transforms as T
+
+    return {"resized": np.asarray(T.Resize(48)(Image.fromarray(original)))}
+
+  expected = ref("data_prepare/resize_shorter_side_48", compute)["resized"]
   assert np.abs(shrunk.astype(int) - expected.astype(int)).mean() < 2.0
   # Training from shards and from folders gives the same batches (no image was shrunk in this subset).
   keep = np.flatnonzero([not p.endswith("zz_big.jpg") for p in raw.train.paths])
@@ -84,7 +93,7 @@ def test_prepare_and_verify_cli(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "prepared" in out and "0 unreadable" in out
   assert cli_main(["verify", "--dataset", "cars196", "--data_root", str(tmp_path / "out"), "--source",
-                   "prepared"]) == 1
+                   "prepared"]) == 2  # one `error:` line: no prepared cars196 there
   # A record decodes from the shard bytes alone.
   prep = load_dataset("sop", str(tmp_path / "out"))
   img = Image.open(io.BytesIO(prep.train.read_source(0)))

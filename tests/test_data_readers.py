@@ -161,6 +161,100 @@ def test_verify_cli(tmp_path, capsys):
   assert cli_main(["verify", "--dataset", "inshop", "--data_root", str(tmp_path)]) == 0
   out = capsys.readouterr().out
   assert "query" in out and "gallery" in out and "25882" in out and "DIFFERS" in out
-  assert cli_main(["verify", "--dataset", "inshop", "--data_root", str(tmp_path), "--strict"]) == 2
-  assert cli_main(["verify", "--dataset", "cub200", "--data_root", str(tmp_path)]) == 1
-  assert "expected one of these layouts" in capsys.readouterr().err
+  assert cli_main(["verify", "--dataset", "inshop", "--data_root", str(tmp_path), "--strict"]) == 1
+  assert cli_main(["verify", "--dataset", "cub200", "--data_root", str(tmp_path)]) == 2
+  err = capsys.readouterr().err
+  assert "expected one of these layouts" in err
+  assert err.splitlines()[-1].startswith("error: dataset 'cub200': no recognised layout under")  # the last line
+
+
+# ------------------------------------------------------------------ the split is by class id, never by position
+
+
+@pytest.mark.parametrize("dataset, write, victim, named", [
+    ("cub200", synthetic.cub_folders, "057.Bird_57", "class 57 (no folder images/057.*)"),
+    ("cub200", synthetic.cub_folders, "200.Bird_200", "class 200 (no folder images/200.*)"),
+    ("cars196", synthetic.cars_folders, "Chevrolet Malibu Sedan 2007",
+     "class 73 (no folder images/Chevrolet Malibu Sedan 2007)"),
+])
+def test_a_missing_class_folder_is_an_error_naming_it(tmp_path, dataset, write, victim, named):
+  write(str(tmp_path), dataset)
+  folder = tmp_path / dataset / "images" / victim
+  assert folder.is_dir()
+  for f in folder.iterdir():
+    f.unlink()
+  folder.rmdir()
+  with pytest.raises(DatasetLayoutError) as info:
+    load_dataset(dataset, str(tmp_path))
+  message = info.value.headline
+  assert named in message and "never a shift" in message and "\n" not in message
+
+
+def test_cars_folders_split_by_official_id(tmp_path):
+  synthetic.cars_folders(str(tmp_path))
+  splits = load_dataset("cars196", str(tmp_path))
+  from dml_jax.data.readers import cars_classes
+
+  assert sorted(cars_classes.IDS[cars_classes.class_key(n)] for n in splits.train.class_names) == list(range(1, 99))
+  assert "Eagle Talon Hatchback 1998" in splits.train.class_names
+  assert "FIAT 500 Abarth 2012" in splits.eval.class_names
+  # A folder named with "-" for the "/" of the official name maps to its id (Ram C/V, class 174: test).
+  assert "Ram C-V Cargo Van Minivan 2012" in splits.eval.class_names
+
+
+def test_folders_that_are_no_class_are_named(tmp_path):
+  synthetic.cub_folders(str(tmp_path), "cub200", num_classes=4)
+  (tmp_path / "cub200" / "images" / "extra_birds").mkdir()
+  (tmp_path / "cub200" / "images" / "extra_birds" / "a.jpg").write_bytes(synthetic.image_bytes(0))
+  with pytest.raises(DatasetLayoutError, match=r"1 folder\(s\) in .* are no cub200 class: \['extra_birds'\]"):
+    load_dataset("cub200", str(tmp_path))
+
+
+def test_partial_tree_needs_its_subset_file(tmp_path):
+  synthetic.cub_folders(str(tmp_path), "cub200", num_classes=6)  # classes 1-3 and 101-103
+  splits = load_dataset("cub200", str(tmp_path))
+  assert list(splits.train.class_names) == ["001.Bird_1", "002.Bird_2", "003.Bird_3"]
+  assert list(splits.eval.class_names) == ["101.Bird_101", "102.Bird_102", "103.Bird_103"]
+  subset = tmp_path / "cub200" / "dml_jax_subset.txt"
+  subset.unlink()
+  with pytest.raises(DatasetLayoutError, match=r"194 classes missing in .*: class 4 \(no folder images/004\.\*\)"):
+    load_dataset("cub200", str(tmp_path))
+  subset.write_text("1\n2\n3\n101\n102\n103\n104\n")
+  with pytest.raises(DatasetLayoutError, match=r"class listed in dml_jax_subset.txt missing in .*class 104"):
+    load_dataset("cub200", str(tmp_path))
+
+
+def test_cars_annotations_missing_class_is_named(tmp_path):
+  import scipy.io
+
+  synthetic.cars_annos(str(tmp_path), num_classes=8)  # ids 1-4 and 99-102, declared in the subset file
+  splits = load_dataset("cars196", str(tmp_path))
+  assert list(splits.train.class_names) == ["1", "2", "3", "4"] and list(splits.eval.class_names) == [
+      "99", "100", "101", "102"]
+  mat_path = tmp_path / "cars196" / "cars_annos.mat"
+  mat = scipy.io.loadmat(mat_path)
+  annos = mat["annotations"]
+  keep = [i for i in range(annos.shape[1]) if int(annos[0, i]["class"].reshape(-1)[0]) != 3]
+  scipy.io.savemat(mat_path, {"annotations": annos[:, keep]})
+  with pytest.raises(DatasetLayoutError, match=r"class 3 'Acura TL Sedan 2012' \(no annotation\)"):
+    load_dataset("cars196", str(tmp_path))
+
+
+def test_lists_sharing_a_class_are_refused(tmp_path):
+  synthetic.sop(str(tmp_path), "sop")
+  test_list = tmp_path / "sop" / "Info_Files" / "Ebay_test.txt"
+  lines = test_list.read_text().splitlines()
+  parts = lines[1].split()
+  lines[1] = " ".join([parts[0], "3", parts[2], parts[3]])  # a training class in the test list
+  test_list.write_text("\n".join(lines) + "\n")
+  with pytest.raises(DatasetLayoutError, match=r"1 class\(es\) are in both the training split .* e\.g\. \[3\]"):
+    load_dataset("sop", str(tmp_path))
+
+
+def test_data_cli_error_is_one_line(tmp_path, capsys):
+  synthetic.cub_folders(str(tmp_path), "cub200", num_classes=4)
+  (tmp_path / "cub200" / "dml_jax_subset.txt").write_text("1\n2\n101\n102\n103\n")
+  assert cli_main(["verify", "--dataset", "cub200", "--data_root", str(tmp_path)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: dataset 'cub200': class listed in dml_jax_subset.txt")
+  assert "-- restore the missing class folder(s)" in err[0]

@@ -1,15 +1,16 @@
-"""Transforms against torchvision: RandomResizedCrop sampling, Resize + CenterCrop pixels, normalisation."""
+"""Transforms against torchvision: RandomResizedCrop sampling, Resize + CenterCrop pixels, normalisation.
+
+torchvision's results come from tests/references (`ref` fixture, tests/reference.py).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import io
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from torchvision import transforms as T
-from torchvision.transforms import functional as TF
 
 from dml_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
 from dml_jax.data import decode, synthetic, transforms
@@ -19,6 +20,12 @@ def _pil(size, fmt="JPEG", mode="RGB", seed=0):
   return Image.open(io.BytesIO(synthetic.image_bytes(seed, size, fmt, mode)))
 
 
+def _pixels(image) -> dict[str, np.ndarray]:
+  """An image as a reference keeps it: shape and SHA-256 of its uint8 pixels (exact equality, few bytes)."""
+  array = np.ascontiguousarray(np.asarray(image, np.uint8))
+  return {"shape": np.asarray(array.shape), "sha256": np.asarray(hashlib.sha256(array.tobytes()).hexdigest())}
+
+
 def _box_stats(boxes, width, height):
   boxes = np.asarray(boxes, np.float64)
   top, left, h, w = boxes.T
@@ -26,53 +33,83 @@ def _box_stats(boxes, width, height):
                    np.mean(left / width), np.std(h * w / (width * height))])
 
 
+def _torchvision_fallback(width, height):
+  """(live) torchvision's box when no sampled box fits: an area fraction above 1 never does."""
+  from torchvision import transforms as T
+
+  return T.RandomResizedCrop.get_params(Image.new("RGB", (width, height)), scale=[2.0, 3.0], ratio=[3 / 4, 4 / 3])
+
+
 @pytest.mark.parametrize("width,height", [(500, 375), (400, 40), (60, 300)])
-def test_random_resized_crop_distribution_matches_torchvision(width, height):
+def test_random_resized_crop_distribution_matches_torchvision(ref, width, height):
   n = 4000
   rng = np.random.default_rng(0)
   ours = [transforms.random_resized_crop_params(rng, width, height) for _ in range(n)]
-  torch.manual_seed(0)
-  img = Image.new("RGB", (width, height))
-  ref = [T.RandomResizedCrop.get_params(img, scale=[0.08, 1.0], ratio=[3 / 4, 4 / 3]) for _ in range(n)]
-  np.testing.assert_allclose(_box_stats(ours, width, height), _box_stats(ref, width, height), atol=0.025)
+
+  def compute():
+    import torch
+    from torchvision import transforms as T
+
+    torch.manual_seed(0)
+    img = Image.new("RGB", (width, height))
+    boxes = [T.RandomResizedCrop.get_params(img, scale=[0.08, 1.0], ratio=[3 / 4, 4 / 3]) for _ in range(n)]
+    fallback = _torchvision_fallback(width, height)
+    return {"box_stats": _box_stats(boxes, width, height), "fallback": np.asarray(fallback),
+            "fallback_share": np.mean([tuple(b) == tuple(fallback) for b in boxes])}
+
+  expected = ref(f"data_transforms/random_resized_crop_{width}x{height}", compute)
+  np.testing.assert_allclose(_box_stats(ours, width, height), expected["box_stats"], atol=0.025)
   # Thin images often exhaust the 10 attempts: the central fallback box must be as frequent.
-  fallback = T.RandomResizedCrop.get_params(img, scale=[2.0, 3.0], ratio=[3 / 4, 4 / 3])
-  share = lambda boxes: np.mean([tuple(b) == tuple(fallback) for b in boxes])
-  assert abs(share(ours) - share(ref)) < 0.02
+  share = np.mean([tuple(b) == tuple(expected["fallback"].tolist()) for b in ours])
+  assert abs(share - float(expected["fallback_share"])) < 0.02
   assert all(0 < h <= height and 0 < w <= width and t + h <= height and l + w <= width for t, l, h, w in ours)
 
 
-@pytest.mark.parametrize("width,height", [(500, 375), (400, 40), (60, 300), (100, 100)])
-def test_random_resized_crop_fallback_exact(width, height):
-  img = Image.new("RGB", (width, height))
+FALLBACK_SIZES = [(500, 375), (400, 40), (60, 300), (100, 100)]
+
+
+@pytest.mark.parametrize("width,height", FALLBACK_SIZES)
+def test_random_resized_crop_fallback_exact(ref, width, height):
+  expected = ref("data_transforms/random_resized_crop_fallback",
+                 lambda: {f"{w}x{h}": np.asarray(_torchvision_fallback(w, h)) for w, h in FALLBACK_SIZES})
   # An area fraction above 1 never fits, so both end in the central fallback.
-  expected = T.RandomResizedCrop.get_params(img, scale=[2.0, 3.0], ratio=[3 / 4, 4 / 3])
   got = transforms.random_resized_crop_params(np.random.default_rng(1), width, height, scale=(2.0, 3.0))
-  assert tuple(got) == tuple(expected)
+  assert tuple(got) == tuple(expected[f"{width}x{height}"].tolist())
 
 
 @pytest.mark.parametrize("size,resize,crop", [((300, 200), 256, 224), ((200, 301), 256, 224), ((256, 256), 256, 224),
                                               ((90, 70), 256, 224), ((36, 50), 36, 32), ((50, 40), 32, 36)])
-def test_eval_transform_matches_torchvision(size, resize, crop):
-  img = _pil(size)
-  expected = np.asarray(T.Compose([T.Resize(resize), T.CenterCrop(crop)])(img.copy()))
+def test_eval_transform_matches_torchvision(ref, size, resize, crop):
+  def compute():
+    from torchvision import transforms as T
+
+    return _pixels(T.Compose([T.Resize(resize), T.CenterCrop(crop)])(_pil(size)))
+
+  expected = ref(f"data_transforms/eval_{size[0]}x{size[1]}_resize{resize}_crop{crop}", compute)
   got = transforms.eval_transform(_pil(size), size=crop, resize_size=resize, fast_decode=False)
   assert got.shape == (crop, crop, 3) and got.dtype == np.uint8
-  np.testing.assert_array_equal(got, expected)
+  ours = _pixels(got)
+  assert tuple(ours["shape"]) == tuple(expected["shape"])
+  assert str(ours["sha256"]) == str(expected["sha256"]), "pixels differ from torchvision's Resize + CenterCrop"
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_train_transform_matches_torchvision_resized_crop(seed):
-  img = _pil((120, 90), seed=seed)
+def test_train_transform_matches_torchvision_resized_crop(ref, seed):
   rng = np.random.default_rng(seed)
   top, left, h, w = transforms.random_resized_crop_params(rng, 120, 90)
   flip = rng.random() < 0.5
-  expected = TF.resized_crop(img.copy(), top, left, h, w, [32, 32], T.InterpolationMode.BILINEAR)
-  if flip:
-    expected = TF.hflip(expected)
+
+  def compute():
+    from torchvision import transforms as T
+    from torchvision.transforms import functional as TF
+
+    expected = TF.resized_crop(_pil((120, 90), seed=seed), top, left, h, w, [32, 32], T.InterpolationMode.BILINEAR)
+    return {"pixels": np.asarray(TF.hflip(expected) if flip else expected)}
+
+  expected = ref(f"data_transforms/train_resized_crop_seed{seed}", compute)["pixels"]
   got = transforms.train_transform(_pil((120, 90), seed=seed), np.random.default_rng(seed), size=32,
                                    fast_decode=False)
-  np.testing.assert_array_equal(got, np.asarray(expected))
+  np.testing.assert_array_equal(got, expected)
 
 
 def test_fast_decode_drafts_and_stays_close():
@@ -110,10 +147,17 @@ def test_corrupt_image_names_its_path(tmp_path):
   assert decode.check_decodable(str(bad), str(bad)) is not None
 
 
-def test_normalizer_rgb_matches_torchvision():
+def test_normalizer_rgb_matches_torchvision(ref):
   pixels = np.asarray(_pil((8, 6)))
   cfg = PretrainedCfg(mean=IMAGENET_MEAN, std=IMAGENET_STD)
-  expected = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)(T.ToTensor()(Image.fromarray(pixels))).permute(1, 2, 0).numpy()
+
+  def compute():
+    from torchvision import transforms as T
+
+    normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    return {"normalized": normalize(T.ToTensor()(Image.fromarray(pixels))).permute(1, 2, 0).numpy()}
+
+  expected = ref("data_transforms/normalize_rgb", compute)["normalized"]
   got = transforms.Normalizer(cfg)(pixels)
   assert got.dtype == np.float32
   np.testing.assert_allclose(got, expected, atol=1e-5)
@@ -129,46 +173,75 @@ def test_normalizer_bgr_x255_for_bn_inception():
 
 
 def _torchvision_autoaugment(img, policy, probs, signs):
-  """torchvision's AutoAugment (ImageNet policy, nearest, no fill) with its random choices given."""
+  """(live) torchvision's AutoAugment (ImageNet policy, nearest, no fill) with its random choices given."""
+  import torch
+  from torchvision import transforms as T
+
   aa = T.AutoAugment(T.AutoAugmentPolicy.IMAGENET)
   aa.get_params = lambda num: (policy, torch.tensor(probs, dtype=torch.float32), torch.tensor(signs))
   return aa(img)
 
 
+def _aa_image():
+  return Image.open(io.BytesIO(synthetic.image_bytes(5, (41, 30)))).convert("RGB")
+
+
 @pytest.mark.parametrize("signs", [(0, 0), (1, 1), (0, 1)])
-def test_autoaugment_equals_torchvision_for_every_sub_policy(signs):
+def test_autoaugment_equals_torchvision_for_every_sub_policy(ref, signs):
   # Probabilities 0 apply both steps of every sub-policy (the first step of sub-policy 12 has p = 0); the
   # signs flip the signed magnitudes (rotate, shear, colour, contrast, sharpness).
-  img = Image.open(io.BytesIO(synthetic.image_bytes(5, (41, 30)))).convert("RGB")
-  for policy in range(len(transforms.AUTOAUGMENT_IMAGENET_POLICY)):
-    expected = np.asarray(_torchvision_autoaugment(img.copy(), policy, [0.0, 0.0], list(signs)))
-    got = np.asarray(transforms.autoaugment(img.copy(), policy, np.zeros(2), np.asarray(signs)))
-    np.testing.assert_array_equal(got, expected, err_msg=f"sub-policy {policy}, signs {signs}")
+  policies = range(len(transforms.AUTOAUGMENT_IMAGENET_POLICY))
+
+  def compute():
+    out = {}
+    for policy in policies:
+      pixels = _pixels(_torchvision_autoaugment(_aa_image(), policy, [0.0, 0.0], list(signs)))
+      out.update({f"{policy}/{k}": v for k, v in pixels.items()})
+    return out
+
+  expected = ref(f"data_transforms/autoaugment_signs_{signs[0]}{signs[1]}", compute)
+  for policy in policies:
+    ours = _pixels(transforms.autoaugment(_aa_image(), policy, np.zeros(2), np.asarray(signs)))
+    assert str(ours["sha256"]) == str(expected[f"{policy}/sha256"]), f"sub-policy {policy}, signs {signs}"
 
 
-def test_autoaugment_skips_steps_above_their_probability():
-  img = Image.open(io.BytesIO(synthetic.image_bytes(6, (33, 27)))).convert("RGB")
-  for policy, probs in [(0, [0.5, 0.1]), (14, [0.7, 0.99]), (18, [0.61, 0.2]), (2, [0.9, 0.9])]:
-    expected = np.asarray(_torchvision_autoaugment(img.copy(), policy, probs, [1, 0]))
-    got = np.asarray(transforms.autoaugment(img.copy(), policy, np.asarray(probs), np.asarray([1, 0])))
-    np.testing.assert_array_equal(got, expected, err_msg=f"sub-policy {policy}")
-  assert np.array_equal(np.asarray(transforms.autoaugment(img.copy(), 2, np.asarray([0.9, 0.9]), [1, 1])),
-                        np.asarray(img))
+AA_SKIPS = [(0, (0.5, 0.1)), (14, (0.7, 0.99)), (18, (0.61, 0.2)), (2, (0.9, 0.9))]
+
+
+def test_autoaugment_skips_steps_above_their_probability(ref):
+  img = lambda: Image.open(io.BytesIO(synthetic.image_bytes(6, (33, 27)))).convert("RGB")  # noqa: E731
+
+  def compute():
+    return {f"{policy}/sha256": _pixels(_torchvision_autoaugment(img(), policy, list(probs), [1, 0]))["sha256"]
+            for policy, probs in AA_SKIPS}
+
+  expected = ref("data_transforms/autoaugment_skips", compute)
+  for policy, probs in AA_SKIPS:
+    ours = _pixels(transforms.autoaugment(img(), policy, np.asarray(probs), np.asarray([1, 0])))
+    assert str(ours["sha256"]) == str(expected[f"{policy}/sha256"]), f"sub-policy {policy}"
+  assert np.array_equal(np.asarray(transforms.autoaugment(img(), 2, np.asarray([0.9, 0.9]), [1, 1])),
+                        np.asarray(img()))
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_autoaugment_then_crop_draws_in_torchvision_order(seed):
+def test_autoaugment_then_crop_draws_in_torchvision_order(ref, seed):
   # Compose([AutoAugment(), RandomResizedCrop(32), RandomHorizontalFlip()]): AutoAugment's choices come first
   # from the image's Generator, then the crop box, then the flip.
   rng = np.random.default_rng(seed)
   policy, probs, signs = transforms.autoaugment_params(rng)
   top, left, h, w = transforms.random_resized_crop_params(rng, 60, 45)
   flip = rng.random() < 0.5
-  augmented = _torchvision_autoaugment(_pil((60, 45), seed=seed).convert("RGB"), policy, probs.tolist(),
-                                       signs.tolist())
-  expected = TF.resized_crop(augmented, top, left, h, w, [32, 32], T.InterpolationMode.BILINEAR)
-  if flip:
-    expected = TF.hflip(expected)
+
+  def compute():
+    from torchvision import transforms as T
+    from torchvision.transforms import functional as TF
+
+    augmented = _torchvision_autoaugment(_pil((60, 45), seed=seed).convert("RGB"), policy, probs.tolist(),
+                                         signs.tolist())
+    expected = TF.resized_crop(augmented, top, left, h, w, [32, 32], T.InterpolationMode.BILINEAR)
+    return _pixels(TF.hflip(expected) if flip else expected)
+
+  expected = ref(f"data_transforms/autoaugment_then_crop_seed{seed}", compute)
   got = transforms.train_transform(_pil((60, 45), seed=seed), np.random.default_rng(seed), size=32,
                                    autoaugment_first=True)
-  np.testing.assert_array_equal(got, np.asarray(expected))
+  assert str(_pixels(got)["sha256"]) == str(expected["sha256"])

@@ -47,6 +47,14 @@ def test_single_device_drops_padding_and_keeps_order():
   assert embeddings.dtype == np.float32 and labels.dtype == np.int64 and indices.dtype == np.int64
 
 
+def test_progress_false_prints_no_bar(capsys):
+  _, batches = _loader(21, 8)
+  embed_dataset(_embed, batches, desc="quiet", progress=False)
+  assert "quiet" not in capsys.readouterr().err  # the trainer's log.progress=False reaches the embedding bar
+  embed_dataset(_embed, batches, desc="loud")
+  assert "loud" in capsys.readouterr().err
+
+
 def test_bad_batches_are_rejected():
   _, batches = _loader(8, 8)
   del batches[0]["valid"]

@@ -1,5 +1,6 @@
 """Metrics against independent references: pytorch-metric-learning's AccuracyCalculator, sklearn's NMI
-and numpy brute forces written from the definitions in docs/evaluation.md."""
+and numpy brute forces written from the papers' definitions (D&C, VPTSP/DADA). PML's results come
+from tests/references (`ref` fixture, tests/reference.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,6 @@ import itertools
 
 import numpy as np
 import pytest
-import torch
-from pytorch_metric_learning.distances import LpDistance
-from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
-from pytorch_metric_learning.utils.inference import CustomKNN
 from sklearn.metrics import normalized_mutual_info_score
 
 from dml_jax.eval import metrics as metrics_lib
@@ -23,7 +20,17 @@ BACKENDS = ["jax", pytest.param("faiss", marks=needs_faiss)]
 
 def _pml_knn():
   """PML's default kNN (faiss IndexFlatL2) when faiss is installed, else its exact torch kNN (L2)."""
+  from pytorch_metric_learning.distances import LpDistance
+  from pytorch_metric_learning.utils.inference import CustomKNN
+
   return None if faiss_available() else CustomKNN(LpDistance(normalize_embeddings=False))
+
+
+def _calculator(**kwargs):
+  import torch
+  from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+  return AccuracyCalculator(device=torch.device("cpu"), **kwargs)
 
 
 def _labelled_embeddings(seed=0, num=700, num_classes=90, dim=16, num_singletons=6):
@@ -38,10 +45,9 @@ def _labelled_embeddings(seed=0, num=700, num_classes=90, dim=16, num_singletons
 
 
 def _pml(query, query_labels, reference=None, reference_labels=None, include=(), **kwargs):
-  calculator = AccuracyCalculator(include=include, k="max_bin_count", device=torch.device("cpu"),
-                                  knn_func=_pml_knn(), **kwargs)
-  return calculator.get_accuracy(query, query_labels, reference, reference_labels,
-                                 ref_includes_query=False)
+  calculator = _calculator(include=include, k="max_bin_count", knn_func=_pml_knn(), **kwargs)
+  return {k: np.asarray(v) for k, v in calculator.get_accuracy(query, query_labels, reference, reference_labels,
+                                                               ref_includes_query=False).items()}
 
 
 def _ranked_labels(queries, gallery, gallery_labels, exclude_self):
@@ -61,28 +67,30 @@ PML_NAMES = {"precision@1": "precision_at_1", "r_precision": "r_precision",
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_leave_one_out_matches_pml(backend):
+def test_leave_one_out_matches_pml(ref, backend):
   embeddings, labels = _labelled_embeddings()
   ours = metrics_lib.retrieval_metrics(embeddings, labels, metrics=list(PML_NAMES), backend=backend,
                                        chunk_size=256)
   # PML's AccuracyCalculator does not normalise; its testers do (normalize_embeddings=True).
-  reference = _pml(l2_normalize(embeddings), labels, include=tuple(PML_NAMES.values()))
+  reference = ref("eval_metrics/leave_one_out_pml",
+                  lambda: _pml(l2_normalize(embeddings), labels, include=tuple(PML_NAMES.values())))
   for ours_name, pml_name in PML_NAMES.items():
-    assert ours[ours_name] == pytest.approx(reference[pml_name], abs=1e-6), ours_name
+    assert ours[ours_name] == pytest.approx(float(reference[pml_name]), abs=1e-6), ours_name
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_query_vs_gallery_matches_pml(backend):
+def test_query_vs_gallery_matches_pml(ref, backend):
   embeddings, labels = _labelled_embeddings(seed=1)
   query_mask = np.zeros(len(labels), bool)
   query_mask[::3] = True  # some query labels have no gallery item: PML drops those ("lone") queries
   ours = metrics_lib.retrieval_metrics(embeddings, labels, query_mask=query_mask, metrics=list(PML_NAMES),
                                        backend=backend)
   normalized = l2_normalize(embeddings)
-  reference = _pml(normalized[query_mask], labels[query_mask], normalized[~query_mask], labels[~query_mask],
-                   include=tuple(PML_NAMES.values()))
+  reference = ref("eval_metrics/query_vs_gallery_pml",
+                  lambda: _pml(normalized[query_mask], labels[query_mask], normalized[~query_mask],
+                               labels[~query_mask], include=tuple(PML_NAMES.values())))
   for ours_name, pml_name in PML_NAMES.items():
-    assert ours[ours_name] == pytest.approx(reference[pml_name], abs=1e-6), ours_name
+    assert ours[ours_name] == pytest.approx(float(reference[pml_name]), abs=1e-6), ours_name
 
 
 def test_recall_at_k_matches_numpy_brute_force():
@@ -177,22 +185,28 @@ def test_nmi_formula_matches_sklearn_on_fixed_assignments():
     assert metrics_lib.nmi_score(labels, clusters) == normalized_mutual_info_score(labels, clusters)
 
 
-def test_nmi_matches_pml_with_identical_clusters():
+def test_nmi_matches_pml_with_identical_clusters(ref):
   embeddings, labels = _labelled_embeddings(seed=6)
   clusters = np.random.default_rng(0).integers(0, 96, len(labels))
-  reference = AccuracyCalculator(include=("NMI",), device=torch.device("cpu"), knn_func=_pml_knn(),
-                                 kmeans_func=lambda x, k: torch.as_tensor(clusters)).get_accuracy(embeddings, labels)
-  assert metrics_lib.nmi_score(labels, clusters) == pytest.approx(reference["NMI"], abs=1e-6)
+
+  def compute():
+    import torch
+
+    calculator = _calculator(include=("NMI",), knn_func=_pml_knn(), kmeans_func=lambda x, k: torch.as_tensor(clusters))
+    return {"NMI": calculator.get_accuracy(embeddings, labels)["NMI"]}
+
+  reference = ref("eval_metrics/nmi_of_fixed_clusters_pml", compute)
+  assert metrics_lib.nmi_score(labels, clusters) == pytest.approx(float(reference["NMI"]), abs=1e-6)
 
 
 @needs_faiss
-def test_clustering_nmi_with_faiss_matches_pml_default_kmeans():
+def test_clustering_nmi_with_faiss_matches_pml_default_kmeans(ref):
   """PML: faiss.Kmeans(niter=20) with faiss's default seed 1234 -> identical partition and NMI."""
   embeddings, labels = _labelled_embeddings(seed=7)
   ours = metrics_lib.clustering_metrics(embeddings, labels, seed=1234, niter=20, backend="faiss")
-  reference = AccuracyCalculator(include=("NMI",), device=torch.device("cpu")).get_accuracy(
-      l2_normalize(embeddings), labels)
-  assert ours["nmi"] == pytest.approx(reference["NMI"], abs=1e-6)
+  reference = ref("eval_metrics/faiss_kmeans_nmi_pml",
+                  lambda: {"NMI": _calculator(include=("NMI",)).get_accuracy(l2_normalize(embeddings), labels)["NMI"]})
+  assert ours["nmi"] == pytest.approx(float(reference["NMI"]), abs=1e-6)
 
 
 @needs_faiss

@@ -4,8 +4,8 @@ JAX runs in float32, the references in float64; values and gradients (w.r.t. emb
 learnable parameters) must agree within 1e-5 relative to the reference's largest magnitude. Batches
 include singleton classes and proxies without positives. Sampling (distance-weighted margin loss) is
 tested in two parts: the loss given fixed triplets against PML, and the sampler's distribution against
-a numpy implementation of the D&C sampler (docs/methods/metric_loss.md). Sharding is checked in a subprocess with 8
-fake CPU devices.
+a numpy implementation of the D&C code's sampler. Sharding is checked in a subprocess with 8
+fake CPU devices. The torch references' results come from tests/references (`ref` fixture, tests/reference.py).
 """
 
 from __future__ import annotations
@@ -20,10 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from pytorch_metric_learning import distances as pml_distances
-from pytorch_metric_learning import losses as pml_losses
-from pytorch_metric_learning import miners as pml_miners
 
 from dml_jax import losses as dl
 from dml_jax.losses import mining
@@ -83,12 +79,27 @@ def _inputs(config: str, seed: int = 0):
   return x, labels, proxies
 
 
-def _t(a, grad: bool = True) -> torch.Tensor:
+def _t(a, grad: bool = True):
+  import torch
+
   return torch.tensor(np.asarray(a, np.float64), requires_grad=grad)
 
 
-def _tl(labels) -> torch.Tensor:
+def _tl(labels):
+  import torch
+
   return torch.tensor(np.asarray(labels, np.int64))
+
+
+def _pml():
+  """(live runs only) pytorch-metric-learning's losses, miners and distances modules."""
+  from pytorch_metric_learning import distances, losses, miners
+
+  return losses, miners, distances
+
+
+def _grad(t) -> np.ndarray:
+  return t.grad.detach().numpy()
 
 
 def _value_and_grads(fn, *args):
@@ -99,22 +110,31 @@ def _value_and_grads(fn, *args):
 # Proxy losses
 
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_proxy_anchor_matches_pml(config):
+def test_proxy_anchor_matches_pml(ref, config):
   x, labels, proxies = _inputs(config)
   num_classes, dim = proxies.shape
   value, (gx, gp) = _value_and_grads(lambda e, p: dl.proxy_anchor_loss(e, jnp.asarray(labels), p), x, proxies)
-  ref = pml_losses.ProxyAnchorLoss(num_classes, dim, margin=0.1, alpha=32).double()
-  ref.proxies.data = torch.tensor(proxies, dtype=torch.float64)
-  xt = _t(x)
-  ref_value = ref(xt, _tl(labels))
-  ref_value.backward()
-  assert_close(f"proxy_anchor:{config}:value", value, ref_value.item())
-  assert_close(f"proxy_anchor:{config}:d_embeddings", gx, xt.grad)
-  assert_close(f"proxy_anchor:{config}:d_proxies", gp, ref.proxies.grad)
+
+  def compute():
+    import torch
+
+    loss = _pml()[0].ProxyAnchorLoss(num_classes, dim, margin=0.1, alpha=32).double()
+    loss.proxies.data = torch.tensor(proxies, dtype=torch.float64)
+    xt = _t(x)
+    ref_value = loss(xt, _tl(labels))
+    ref_value.backward()
+    return {"value": ref_value.item(), "d_embeddings": _grad(xt), "d_proxies": _grad(loss.proxies)}
+
+  expected = ref(f"losses/proxy_anchor_pml_{config}", compute)
+  assert_close(f"proxy_anchor:{config}:value", value, expected["value"])
+  assert_close(f"proxy_anchor:{config}:d_embeddings", gx, expected["d_embeddings"])
+  assert_close(f"proxy_anchor:{config}:d_proxies", gp, expected["d_proxies"])
 
 
 def _proxy_anchor_from_spec(x, labels, proxies, num_pos: str):
-  """The Proxy-Anchor formula (docs/methods/metric_loss.md, docs/methods/vptsp.md) in the authors' direct exp form (torch float64)."""
+  """Proxy-Anchor as the Proxy-Anchor and VPTSP papers write it, in the authors' direct exp form (torch float64)."""
+  import torch
+
   xn = x / torch.sqrt((x**2).sum(1, keepdim=True) + 1e-12)
   pn = proxies / torch.sqrt((proxies**2).sum(1, keepdim=True) + 1e-12)
   cos = xn @ pn.T
@@ -127,130 +147,191 @@ def _proxy_anchor_from_spec(x, labels, proxies, num_pos: str):
 
 @pytest.mark.parametrize("pos_normalizer", ["present", "all"])
 @pytest.mark.parametrize("config", ["b32_c8_singletons", "b12_c40_absent"])
-def test_proxy_anchor_matches_spec_formula(config, pos_normalizer):
-  # 'all' (VPTSP's both_all mode) has no PML counterpart: the reference is the authors' formula.
+def test_proxy_anchor_matches_spec_formula(ref, config, pos_normalizer):
+  # 'all' (VPTSP's both_all mode) has no PML counterpart: the reference is the spec's formula.
   x, labels, proxies = _inputs(config, seed=1)
   value, (gx, gp) = _value_and_grads(
       lambda e, p: dl.proxy_anchor_loss(e, jnp.asarray(labels), p, pos_normalizer=pos_normalizer), x, proxies)
-  xt, pt = _t(x), _t(proxies)
-  ref_value = _proxy_anchor_from_spec(xt, _tl(labels), pt, pos_normalizer)
-  ref_value.backward()
-  assert_close(f"proxy_anchor:{config}:{pos_normalizer}:value", value, ref_value.item())
-  assert_close(f"proxy_anchor:{config}:{pos_normalizer}:d_embeddings", gx, xt.grad)
-  assert_close(f"proxy_anchor:{config}:{pos_normalizer}:d_proxies", gp, pt.grad)
+
+  def compute():
+    xt, pt = _t(x), _t(proxies)
+    ref_value = _proxy_anchor_from_spec(xt, _tl(labels), pt, pos_normalizer)
+    ref_value.backward()
+    return {"value": ref_value.item(), "d_embeddings": _grad(xt), "d_proxies": _grad(pt)}
+
+  expected = ref(f"losses/proxy_anchor_spec_{config}_{pos_normalizer}", compute)
+  assert_close(f"proxy_anchor:{config}:{pos_normalizer}:value", value, expected["value"])
+  assert_close(f"proxy_anchor:{config}:{pos_normalizer}:d_embeddings", gx, expected["d_embeddings"])
+  assert_close(f"proxy_anchor:{config}:{pos_normalizer}:d_proxies", gp, expected["d_proxies"])
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_proxy_nca_matches_pml(config):
+def test_proxy_nca_matches_pml(ref, config):
   x, labels, proxies = _inputs(config, seed=2)
   num_classes, dim = proxies.shape
   value, (gx, gp) = _value_and_grads(lambda e, p: dl.proxy_nca_loss(e, jnp.asarray(labels), p, scale=32.0),
                                      x, proxies)
-  ref = pml_losses.ProxyNCALoss(num_classes, dim, softmax_scale=32).double()
-  ref.proxies.data = torch.tensor(proxies, dtype=torch.float64)
-  xt = _t(x)
-  ref_value = ref(xt, _tl(labels))
-  ref_value.backward()
-  assert_close(f"proxy_nca:{config}:value", value, ref_value.item())
-  assert_close(f"proxy_nca:{config}:d_embeddings", gx, xt.grad)
-  assert_close(f"proxy_nca:{config}:d_proxies", gp, ref.proxies.grad)
+
+  def compute():
+    import torch
+
+    loss = _pml()[0].ProxyNCALoss(num_classes, dim, softmax_scale=32).double()
+    loss.proxies.data = torch.tensor(proxies, dtype=torch.float64)
+    xt = _t(x)
+    ref_value = loss(xt, _tl(labels))
+    ref_value.backward()
+    return {"value": ref_value.item(), "d_embeddings": _grad(xt), "d_proxies": _grad(loss.proxies)}
+
+  expected = ref(f"losses/proxy_nca_pml_{config}", compute)
+  assert_close(f"proxy_nca:{config}:value", value, expected["value"])
+  assert_close(f"proxy_nca:{config}:d_embeddings", gx, expected["d_embeddings"])
+  assert_close(f"proxy_nca:{config}:d_proxies", gp, expected["d_proxies"])
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_norm_softmax_matches_pml(config):
+def test_norm_softmax_matches_pml(ref, config):
   x, labels, proxies = _inputs(config, seed=3)
   num_classes, dim = proxies.shape
   value, (gx, gp) = _value_and_grads(
       lambda e, p: dl.norm_softmax_loss(e, jnp.asarray(labels), p, temperature=0.05), x, proxies)
-  ref = pml_losses.NormalizedSoftmaxLoss(num_classes, dim, temperature=0.05).double()
-  ref.W.data = torch.tensor(proxies.T.copy(), dtype=torch.float64)  # PML stores W as [D, C]
-  xt = _t(x)
-  ref_value = ref(xt, _tl(labels))
-  ref_value.backward()
-  assert_close(f"norm_softmax:{config}:value", value, ref_value.item())
-  assert_close(f"norm_softmax:{config}:d_embeddings", gx, xt.grad)
-  assert_close(f"norm_softmax:{config}:d_proxies", gp, ref.W.grad.T)
+
+  def compute():
+    import torch
+
+    loss = _pml()[0].NormalizedSoftmaxLoss(num_classes, dim, temperature=0.05).double()
+    loss.W.data = torch.tensor(proxies.T.copy(), dtype=torch.float64)  # PML stores W as [D, C]
+    xt = _t(x)
+    ref_value = loss(xt, _tl(labels))
+    ref_value.backward()
+    return {"value": ref_value.item(), "d_embeddings": _grad(xt), "d_proxies": _grad(loss.W).T}
+
+  expected = ref(f"losses/norm_softmax_pml_{config}", compute)
+  assert_close(f"norm_softmax:{config}:value", value, expected["value"])
+  assert_close(f"norm_softmax:{config}:d_embeddings", gx, expected["d_embeddings"])
+  assert_close(f"norm_softmax:{config}:d_proxies", gp, expected["d_proxies"])
 
 
 # --------------------------------------------------------------------------------------------------------
 # Pair / triplet losses
 
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_multi_similarity_matches_pml(config):
+def test_multi_similarity_matches_pml(ref, config):
   x, labels, _ = _inputs(config, seed=4)
   value, (gx,) = _value_and_grads(lambda e: dl.multi_similarity_loss(e, jnp.asarray(labels)), x)
-  xt = _t(x)
-  pairs = pml_miners.MultiSimilarityMiner(epsilon=0.1)(xt, _tl(labels))
-  ref_value = pml_losses.MultiSimilarityLoss(alpha=2, beta=50, base=0.5)(xt, _tl(labels), pairs)
-  ref_value.backward()
-  assert len(pairs[0]) > 1 and len(pairs[2]) > 1
-  assert_close(f"multi_similarity:{config}:value", value, ref_value.item())
-  assert_close(f"multi_similarity:{config}:d_embeddings", gx, xt.grad)
+
+  def compute():
+    losses, miners, _ = _pml()
+    xt = _t(x)
+    pairs = miners.MultiSimilarityMiner(epsilon=0.1)(xt, _tl(labels))
+    ref_value = losses.MultiSimilarityLoss(alpha=2, beta=50, base=0.5)(xt, _tl(labels), pairs)
+    ref_value.backward()
+    return {"value": ref_value.item(), "d_embeddings": _grad(xt), "num_pos_pairs": len(pairs[0]),
+            "num_neg_pairs": len(pairs[2])}
+
+  expected = ref(f"losses/multi_similarity_pml_{config}", compute)
+  assert int(expected["num_pos_pairs"]) > 1 and int(expected["num_neg_pairs"]) > 1
+  assert_close(f"multi_similarity:{config}:value", value, expected["value"])
+  assert_close(f"multi_similarity:{config}:d_embeddings", gx, expected["d_embeddings"])
 
 
-def test_multi_similarity_mining_matches_pml_pairs():
+def _index_set(*columns) -> set[tuple[int, ...]]:
+  return set(zip(*(np.asarray(c).tolist() for c in columns)))
+
+
+def test_multi_similarity_mining_matches_pml_pairs(ref):
   x, labels, _ = _inputs("b32_c8_singletons", seed=5)
   xn = x / np.linalg.norm(x, axis=1, keepdims=True)
   pos_mask, neg_mask = mining.multi_similarity_pair_masks(jnp.asarray(xn @ xn.T), jnp.asarray(labels), epsilon=0.1)
-  a1, p, a2, n = pml_miners.MultiSimilarityMiner(epsilon=0.1)(_t(x, grad=False), _tl(labels))
-  assert set(zip(*np.nonzero(np.asarray(pos_mask)))) == set(zip(a1.tolist(), p.tolist()))
-  assert set(zip(*np.nonzero(np.asarray(neg_mask)))) == set(zip(a2.tolist(), n.tolist()))
+
+  def compute():
+    a1, p, a2, n = _pml()[1].MultiSimilarityMiner(epsilon=0.1)(_t(x, grad=False), _tl(labels))
+    return {"a1": a1.numpy(), "p": p.numpy(), "a2": a2.numpy(), "n": n.numpy()}
+
+  expected = ref("losses/multi_similarity_miner_pml", compute)
+  assert set(zip(*np.nonzero(np.asarray(pos_mask)))) == _index_set(expected["a1"], expected["p"])
+  assert set(zip(*np.nonzero(np.asarray(neg_mask)))) == _index_set(expected["a2"], expected["n"])
 
 
-def test_multi_similarity_too_few_pairs_is_zero_like_pml():
+def test_multi_similarity_too_few_pairs_is_zero_like_pml(ref):
   # PML's GenericPairLoss returns 0 when at most one positive and one negative pair are given.
   x, labels, _ = _inputs("b12_c40_absent", seed=6)
   same = labels[:, None] == labels[None, :]
-  a, p = next((i, j) for i, j in zip(*np.nonzero(same)) if i != j)
+  a, p = next((int(i), int(j)) for i, j in zip(*np.nonzero(same)) if i != j)
   n = int(np.nonzero(labels != labels[a])[0][0])
   pos_mask = np.zeros(same.shape, bool)
   neg_mask = np.zeros(same.shape, bool)
   pos_mask[a, p] = True
   neg_mask[a, n] = True
+  more_neg_mask = neg_mask.copy()
+  more_neg_mask[a, int(np.nonzero(labels != labels[a])[0][1])] = True  # one more pair: a real loss again
+  a2, n2 = np.nonzero(more_neg_mask)
+
+  def compute():
+    import torch
+
+    loss = _pml()[0].MultiSimilarityLoss()
+    one_pair = loss(_t(x), _tl(labels), tuple(torch.tensor([v]) for v in (a, p, a, n)))
+    two_pairs = loss(_t(x), _tl(labels), (torch.tensor([a]), torch.tensor([p]), torch.tensor(a2), torch.tensor(n2)))
+    return {"one_pair": one_pair.item(), "two_pairs": two_pairs.item()}
+
+  expected = ref("losses/multi_similarity_explicit_pairs_pml", compute)
   loss = jax.jit(lambda e, l, pm, nm: dl.multi_similarity_loss(e, l, pair_masks=(pm, nm)))
   value = loss(x, labels, pos_mask, neg_mask)
-  ref = pml_losses.MultiSimilarityLoss()(_t(x), _tl(labels), tuple(torch.tensor([v]) for v in (a, p, a, n)))
-  assert float(value) == 0.0 == ref.item()
-  neg_mask[a, int(np.nonzero(labels != labels[a])[0][1])] = True  # one more pair: a real loss again
-  value = loss(x, labels, pos_mask, neg_mask)
-  a2, n2 = np.nonzero(neg_mask)
-  ref = pml_losses.MultiSimilarityLoss()(_t(x), _tl(labels),
-                                         (torch.tensor([a]), torch.tensor([p]), torch.tensor(a2), torch.tensor(n2)))
-  assert_close("multi_similarity:explicit_pairs:value", value, ref.item())
+  assert float(value) == 0.0 == float(expected["one_pair"])
+  value = loss(x, labels, pos_mask, more_neg_mask)
+  assert_close("multi_similarity:explicit_pairs:value", value, expected["two_pairs"])
 
 
 @pytest.mark.parametrize("kind", ["semihard", "hard", "all", "batch_hard"])
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_triplet_matches_pml(config, kind):
+def test_triplet_matches_pml(ref, config, kind):
   x, labels, _ = _inputs(config, seed=7)
   value, (gx,) = _value_and_grads(lambda e: dl.triplet_loss(e, jnp.asarray(labels), margin=0.1, mining=kind), x)
-  xt = _t(x)
-  if kind == "batch_hard":
-    miner = pml_miners.BatchHardMiner()
-  else:
-    miner = pml_miners.TripletMarginMiner(margin=0.1, type_of_triplets=kind)
-  triplets = miner(xt, _tl(labels))
-  ref_value = pml_losses.TripletMarginLoss(margin=0.1)(xt, _tl(labels), triplets)
-  ref_value.backward()
-  assert len(triplets[0]) > 0
-  assert_close(f"triplet:{config}:{kind}:value", value, ref_value.item())
-  assert_close(f"triplet:{config}:{kind}:d_embeddings", gx, xt.grad)
+
+  def compute():
+    losses, miners, _ = _pml()
+    xt = _t(x)
+    if kind == "batch_hard":
+      miner = miners.BatchHardMiner()
+    else:
+      miner = miners.TripletMarginMiner(margin=0.1, type_of_triplets=kind)
+    triplets = miner(xt, _tl(labels))
+    ref_value = losses.TripletMarginLoss(margin=0.1)(xt, _tl(labels), triplets)
+    ref_value.backward()
+    return {"value": ref_value.item(), "d_embeddings": _grad(xt), "num_triplets": len(triplets[0])}
+
+  expected = ref(f"losses/triplet_pml_{config}_{kind}", compute)
+  assert int(expected["num_triplets"]) > 0
+  assert_close(f"triplet:{config}:{kind}:value", value, expected["value"])
+  assert_close(f"triplet:{config}:{kind}:d_embeddings", gx, expected["d_embeddings"])
 
 
-def test_triplet_mask_matches_pml_miner():
+def test_triplet_mask_matches_pml_miner(ref):
   x, labels, _ = _inputs("b32_c8_singletons", seed=8)
   xn = x / np.linalg.norm(x, axis=1, keepdims=True)
   dist = np.sqrt(np.maximum(((xn[:, None] - xn[None]) ** 2).sum(-1), 0))
-  for kind in ("semihard", "hard", "all", "easy"):
+  kinds = ("semihard", "hard", "all", "easy")
+
+  def compute():
+    out = {}
+    for kind in kinds:
+      a, p, n = _pml()[1].TripletMarginMiner(margin=0.1, type_of_triplets=kind)(_t(x, grad=False), _tl(labels))
+      out.update({f"{kind}/a": a.numpy(), f"{kind}/p": p.numpy(), f"{kind}/n": n.numpy()})
+    return out
+
+  expected = ref("losses/triplet_margin_miner_pml", compute)
+  for kind in kinds:
     mask = mining.triplet_margin_mask(jnp.asarray(dist, jnp.float32), jnp.asarray(labels), margin=0.1, kind=kind)
-    a, p, n = pml_miners.TripletMarginMiner(margin=0.1, type_of_triplets=kind)(_t(x, grad=False), _tl(labels))
-    assert set(zip(*np.nonzero(np.asarray(mask)))) == set(zip(a.tolist(), p.tolist(), n.tolist())), kind
+    assert set(zip(*np.nonzero(np.asarray(mask)))) == _index_set(
+        expected[f"{kind}/a"], expected[f"{kind}/p"], expected[f"{kind}/n"]), kind
 
 
 # --------------------------------------------------------------------------------------------------------
 # Margin loss: the loss on fixed triplets vs PML, the sampler vs a numpy D&C sampler
 
 def _counts_to_triplets(pos_counts, neg_counts):
+  import torch
+
   anchors, positives, negatives = [], [], []
   for a in range(pos_counts.shape[0]):
     pos = np.repeat(np.arange(pos_counts.shape[1]), np.asarray(pos_counts[a]).astype(int))
@@ -262,6 +343,22 @@ def _counts_to_triplets(pos_counts, neg_counts):
   return tuple(torch.tensor(v, dtype=torch.long) for v in (anchors, positives, negatives))
 
 
+def _fixed_triplet_counts(labels, seed: int):
+  """Triplets as the D&C sampler draws them, from seeded numpy: for every anchor with a positive, k distinct
+  negatives and k positives (distinct when it has k, else drawn with replacement); [B, B] count matrices."""
+  rng = np.random.default_rng(seed)
+  n = len(labels)
+  k = _numpy_dnc_num_neg(labels)
+  pos_counts, neg_counts = np.zeros((n, n), np.float32), np.zeros((n, n), np.float32)
+  for a in range(n):
+    positives = np.flatnonzero((labels == labels[a]) & (np.arange(n) != a))
+    if not positives.size:
+      continue
+    np.add.at(pos_counts[a], rng.choice(positives, size=k, replace=positives.size < k), 1)
+    neg_counts[a, rng.choice(np.flatnonzero(labels != labels[a]), size=k, replace=False)] = 1
+  return pos_counts, neg_counts
+
+
 def _unit_inputs(config: str, seed: int):
   x, labels, _ = _inputs(config, seed=seed)
   # Margin-loss inputs are unit vectors (the D&C model normalises); low-dim spread gives varied distances.
@@ -271,30 +368,40 @@ def _unit_inputs(config: str, seed: int):
 
 @pytest.mark.parametrize("class_specific,nu", [(False, 0.0), (True, 0.0), (True, 0.05)])
 @pytest.mark.parametrize("config", ["b32_c8_singletons", "b60_c100_2per"])
-def test_margin_loss_on_fixed_triplets_matches_pml(config, class_specific, nu):
+def test_margin_loss_on_fixed_triplets_matches_pml(ref, config, class_specific, nu):
   x, labels = _unit_inputs(config, seed=9)
   num_classes = CONFIGS[config][1]
-  pos_counts, neg_counts = _sample_triplets(jax.random.key(3), jnp.asarray(x), jnp.asarray(labels))
-  assert float(jnp.sum(pos_counts)) > 0
+  pos_counts, neg_counts = _fixed_triplet_counts(labels, seed=3)
+  assert float(np.sum(pos_counts)) > 0
   rng = np.random.default_rng(0)
   beta = (1.2 + 0.1 * rng.normal(size=num_classes)).astype(np.float32) if class_specific else np.float32(1.2)
   value, (gx, gb) = _margin_value_and_grads(x, beta, jnp.asarray(labels), pos_counts, neg_counts, nu)
-  ref = pml_losses.MarginLoss(margin=0.2, nu=nu, beta=1.2, learn_beta=True,
-                              num_classes=num_classes if class_specific else None,
-                              distance=pml_distances.LpDistance(normalize_embeddings=False)).double()
-  ref.beta.data = torch.tensor(np.atleast_1d(beta), dtype=torch.float64)
-  xt = _t(x)
-  ref_value = ref(xt, _tl(labels), _counts_to_triplets(pos_counts, neg_counts))
-  ref_value.backward()
+
+  def compute():
+    import torch
+
+    losses, _, distances = _pml()
+    loss = losses.MarginLoss(margin=0.2, nu=nu, beta=1.2, learn_beta=True,
+                             num_classes=num_classes if class_specific else None,
+                             distance=distances.LpDistance(normalize_embeddings=False)).double()
+    loss.beta.data = torch.tensor(np.atleast_1d(beta), dtype=torch.float64)
+    xt = _t(x)
+    ref_value = loss(xt, _tl(labels), _counts_to_triplets(pos_counts, neg_counts))
+    ref_value.backward()
+    return {"value": ref_value.item(), "d_embeddings": _grad(xt), "d_beta": _grad(loss.beta)}
+
   name = f"margin:{config}:{'class' if class_specific else 'global'}:nu={nu}"
-  assert_close(f"{name}:value", value, ref_value.item())
-  assert_close(f"{name}:d_embeddings", gx, xt.grad)
-  assert_close(f"{name}:d_beta", np.atleast_1d(gb), ref.beta.grad)
+  expected = ref(f"losses/margin_pml_{config}_{'class' if class_specific else 'global'}_nu{nu}", compute)
+  assert_close(f"{name}:value", value, expected["value"])
+  assert_close(f"{name}:d_embeddings", gx, expected["d_embeddings"])
+  assert_close(f"{name}:d_beta", np.atleast_1d(gb), expected["d_beta"])
 
 
 def _dnc_margin_loss(x, labels, beta, triplets, margin, nu):
   """D&C `MarginLoss.forward` (global beta) as the D&C code computes it, torch float64: the regulariser is
   divided by the pair count (PML adds nu * beta undivided, so PML is no reference here)."""
+  import torch
+
   a, p, n = triplets
   d_ap = torch.sqrt(((x[p] - x[a]) ** 2).sum(1) + 1e-8)
   d_an = torch.sqrt(((x[n] - x[a]) ** 2).sum(1) + 1e-8)
@@ -306,17 +413,22 @@ def _dnc_margin_loss(x, labels, beta, triplets, margin, nu):
 
 
 @pytest.mark.parametrize("config", ["b32_c8_singletons", "b60_c100_2per"])
-def test_margin_loss_global_beta_regulariser_matches_dnc(config):
+def test_margin_loss_global_beta_regulariser_matches_dnc(ref, config):
   x, labels = _unit_inputs(config, seed=10)
-  pos_counts, neg_counts = _sample_triplets(jax.random.key(4), jnp.asarray(x), jnp.asarray(labels))
+  pos_counts, neg_counts = _fixed_triplet_counts(labels, seed=4)
   beta = np.float32(1.1)
   value, (gx, gb) = _margin_value_and_grads(x, beta, jnp.asarray(labels), pos_counts, neg_counts, 0.1)
-  xt, bt = _t(x), _t([beta])
-  ref_value = _dnc_margin_loss(xt, _tl(labels), bt, _counts_to_triplets(pos_counts, neg_counts), 0.2, 0.1)
-  ref_value.backward()
-  assert_close(f"margin:{config}:global:nu=0.1:value", value, ref_value.item())
-  assert_close(f"margin:{config}:global:nu=0.1:d_embeddings", gx, xt.grad)
-  assert_close(f"margin:{config}:global:nu=0.1:d_beta", np.atleast_1d(gb), bt.grad)
+
+  def compute():
+    xt, bt = _t(x), _t([beta])
+    ref_value = _dnc_margin_loss(xt, _tl(labels), bt, _counts_to_triplets(pos_counts, neg_counts), 0.2, 0.1)
+    ref_value.backward()
+    return {"value": ref_value.item(), "d_embeddings": _grad(xt), "d_beta": _grad(bt)}
+
+  expected = ref(f"losses/margin_dnc_{config}_global_nu0.1", compute)
+  assert_close(f"margin:{config}:global:nu=0.1:value", value, expected["value"])
+  assert_close(f"margin:{config}:global:nu=0.1:d_embeddings", gx, expected["d_embeddings"])
+  assert_close(f"margin:{config}:global:nu=0.1:d_beta", np.atleast_1d(gb), expected["d_beta"])
 
 
 def test_margin_loss_without_active_pairs_is_zero_with_finite_gradients():
@@ -328,7 +440,7 @@ def test_margin_loss_without_active_pairs_is_zero_with_finite_gradients():
 
 
 def _numpy_dnc_weights(x, labels, cutoff=0.5, nonzero_loss_cutoff=1.4, eps=1e-6):
-  """D&C `DistanceWeightedSampler` weights (as the D&C code computes them), float64 numpy."""
+  """D&C `DistanceWeightedSampler` weights as the D&C code computes them, float64 numpy."""
   n, d = x.shape
   prod = x @ x.T
   sq = np.maximum(np.diag(prod)[:, None] + np.diag(prod)[None, :] - 2 * prod, 0)

@@ -1,8 +1,9 @@
 """Host row tables (VPTSP's prompt memory bank): lazy row-sparse updates through the engine's update step.
 
-References, written here from the authors' mechanism (docs/methods/vptsp.md) and not calling dml_jax's optimizer code:
+References, written here from the official code's prompt memory bank and not calling dml_jax's optimizer code:
   * torch: the official mechanism itself, a CPU table and CPU moment bank, a small buffer Parameter that
-    receives the batch's rows and moments before `AdamW.step()` / `SGD.step()` and gives them back after;
+    receives the batch's rows and moments before `AdamW.step()` / `SGD.step()` and gives them back after
+    (its results come from tests/references, `ref` fixture);
   * optax.adamw on the whole table when every row is in every batch (then lazy == dense).
 """
 
@@ -14,7 +15,6 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-import torch
 
 from dml_jax import pytree as tree_lib
 from dml_jax.methods import HostBatch, Method
@@ -73,6 +73,8 @@ def _engine_run(optimizer, weight_decay, row_schedule, lrs, grads, buffer_rows):
   table = HostRowTable(BUFFER, NUM_ROWS, ROW_SHAPE, _table_init)
   # The batch's "labels" are the table rows themselves here.
   bank = RowSparseTables({"rows": table}, params, lambda batch: np.asarray(batch.label), seed=0)
+  # The table's start from seeded numpy here, not from the bank's own seeding: it is the torch reference's input.
+  bank.values["rows"][...] = _table_init(np.random.default_rng(100))
   initial = bank.values["rows"].copy()
   for rows, lr, g in zip(row_schedule, lrs, grads):
     batch = HostBatch(label=np.asarray(rows), index=np.arange(len(rows)))
@@ -84,6 +86,8 @@ def _engine_run(optimizer, weight_decay, row_schedule, lrs, grads, buffer_rows):
 
 def _torch_memory_bank(optimizer, weight_decay, initial, dense0, row_schedule, lrs, grads, buffer_rows):
   """The official bank: table and moments on the CPU, a buffer Parameter swapped in and out per step."""
+  import torch
+
   table = torch.tensor(initial)
   dense = torch.nn.Parameter(torch.tensor(dense0))
   buffer = torch.nn.Parameter(torch.zeros((buffer_rows,) + ROW_SHAPE))
@@ -121,12 +125,19 @@ def _torch_memory_bank(optimizer, weight_decay, initial, dense0, row_schedule, l
 
 
 @pytest.mark.parametrize("optimizer,weight_decay", [("adamw", 1e-2), ("sgd", 1e-3)])
-def test_lazy_rows_match_the_official_memory_bank(optimizer, weight_decay):
+def test_lazy_rows_match_the_official_memory_bank(ref, optimizer, weight_decay):
   grads = _grads(len(ROW_SCHEDULE), BATCH_ROWS)
   initial, bank, dense = _engine_run(optimizer, weight_decay, ROW_SCHEDULE, LRS, grads, BATCH_ROWS)
   dense0 = np.asarray(LinearProbe(BATCH_ROWS).init(None)[0]["model"]["dense"])
-  ref_table, ref_moments, ref_dense = _torch_memory_bank(optimizer, weight_decay, initial, dense0, ROW_SCHEDULE, LRS,
-                                                         grads, BATCH_ROWS)
+
+  def compute():
+    table, moments, dense = _torch_memory_bank(optimizer, weight_decay, initial, dense0, ROW_SCHEDULE, LRS, grads,
+                                               BATCH_ROWS)
+    return {"table": table, "dense": dense, **{f"moment/{k}": v for k, v in moments.items()}}
+
+  expected = ref(f"row_sparse/official_memory_bank_{optimizer}", compute)
+  ref_table, ref_dense = expected["table"], expected["dense"]
+  ref_moments = {k[len("moment/"):]: v for k, v in expected.items() if k.startswith("moment/")}
   np.testing.assert_allclose(bank.values["rows"], ref_table, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(dense, ref_dense, rtol=1e-5, atol=1e-6)
   ours = bank.moments["rows"]

@@ -47,7 +47,7 @@ _SCRIPT = textwrap.dedent("""
       records = [json.loads(l) for l in open(f"{workdir}/metrics.jsonl")]
       result[name + "_losses"] = [r["loss"] for r in records if r["kind"] == "train"]
       import pathlib
-      state = ocp.StandardCheckpointer().restore(pathlib.Path(workdir).absolute() / "checkpoints/last/6/state")
+      state = ocp.StandardCheckpointer().restore(pathlib.Path(workdir).absolute() / "checkpoints/steps/6/state")
       flat = {**tree_lib.flatten(state["params"]), **{"state/" + k: v for k, v in
                                                       tree_lib.flatten(state["method_state"]).items()}}
       np.savez(f"{out}/{name}_params.npz", **{k.replace("/", "|"): np.asarray(v) for k, v in flat.items()})

@@ -1,4 +1,7 @@
-"""Optimizer groups and schedules against torch.optim (the seeds' optimizers), on small tensors."""
+"""Optimizer groups and schedules against torch.optim (the seeds' optimizers), on small tensors.
+
+torch's trajectories come from tests/references (`ref` fixture, tests/reference.py).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,6 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-import torch
 
 from dml_jax.methods import Method
 from dml_jax import pytree as tree_lib
@@ -87,6 +89,8 @@ def _run_ours(cfg, params0, grads, steps_per_epoch):
 
 def _run_torch(kind, params0, grads, steps_per_epoch, *, lr, wd, clip, warmup=0, warm_trainable=(),
                sched="step", momentum=0.9, frozen=()):
+  import torch
+
   tp = {p: torch.nn.Parameter(torch.tensor(v)) for p, v in params0.items()}
   proxies = [tp["loss/proxies"]]
   others = [tp[p] for p in SHAPES if p != "loss/proxies"]
@@ -120,38 +124,50 @@ def _run_torch(kind, params0, grads, steps_per_epoch, *, lr, wd, clip, warmup=0,
   return history
 
 
+def _torch_history(ref, name, **kwargs):
+  """torch's parameters after every step (reference `name`), as a list of {path: array}."""
+  def compute():
+    return {f"{t}/{p}": v for t, step in enumerate(_run_torch(**kwargs)) for p, v in step.items()}
+
+  flat = ref(name, compute)
+  return [{p: flat[f"{t}/{p}"] for p in SHAPES} for t in range(len(kwargs["grads"]))]
+
+
 # Tolerance: optax forms Adam's bias corrections 1 - b**t in float32 (b2 = 0.999 is 0.99900001 there),
 # torch in double: the first steps differ by ~1e-5 relative to the step size (here up to lr 1.0 for the
 # proxies). Any semantic difference (coupled vs decoupled decay, clamp order, step counts) is >= 1e-3.
 @pytest.mark.parametrize("kind", ["adam", "adamw", "sgd"])
-def test_optimizers_match_torch(kind):
+def test_optimizers_match_torch(ref, kind):
   params0, grads = _init_params(), _grads(6)
   cfg = _optim_config(optimizer=kind, weight_decay=0.05)
   ours, _ = _run_ours(cfg, params0, grads, steps_per_epoch=2)
-  ref = _run_torch(kind, params0, grads, 2, lr=1e-2, wd=0.05, clip=2.0)
-  for t, (a, b) in enumerate(zip(ours, ref)):
+  expected = _torch_history(ref, f"train_optim/{kind}", kind=kind, params0=params0, grads=grads, steps_per_epoch=2,
+                            lr=1e-2, wd=0.05, clip=2.0)
+  for t, (a, b) in enumerate(zip(ours, expected)):
     for p in SHAPES:
       np.testing.assert_allclose(a[p], b[p], rtol=2e-5, atol=3e-5, err_msg=f"{kind} step {t} {p}")
 
 
-def test_warmup_unfreeze_starts_fresh_adam_count_like_torch():
+def test_warmup_unfreeze_starts_fresh_adam_count_like_torch(ref):
   # Backbone frozen in epoch 0 (no update, no weight decay, no state); from epoch 1 its Adam state
   # starts at t = 1 while head and proxies continue at t = 3, as torch's per-parameter state does.
   params0, grads = _init_params(), _grads(6)
   cfg = _optim_config(optimizer="adamw", groups=(("model/backbone/.*", dict(name="backbone", start_epoch=1)),
                                                  ("loss/.*", dict(name="proxies", lr_mult=100.0))))
   ours, state = _run_ours(cfg, params0, grads, steps_per_epoch=2)
-  ref = _run_torch("adamw", params0, grads, 2, lr=1e-2, wd=1e-2, clip=2.0, warmup=1,
-                   warm_trainable=("model/head/kernel", "loss/proxies"))
-  for t, (a, b) in enumerate(zip(ours, ref)):
+  expected = _torch_history(ref, "train_optim/adamw_warmup", kind="adamw", params0=params0, grads=grads,
+                            steps_per_epoch=2, lr=1e-2, wd=1e-2, clip=2.0, warmup=1,
+                            warm_trainable=("model/head/kernel", "loss/proxies"))
+  for t, (a, b) in enumerate(zip(ours, expected)):
     for p in SHAPES:
       np.testing.assert_allclose(a[p], b[p], rtol=2e-5, atol=3e-5, err_msg=f"step {t} {p}")
   np.testing.assert_array_equal(ours[1]["model/backbone/w"], params0["model/backbone/w"])
-  counts = {label: int(next(x for x in s if isinstance(x, optim.TorchAdamState)).count) for label, s in state["opt_state"].items()}
+  counts = {label: int(next(x for x in s if isinstance(x, optim.TorchAdamState)).count)
+            for label, s in state["opt_state"].items()}
   assert counts == {"base": 6, "backbone_from_epoch1": 4, "proxies": 6}
 
 
-def test_frozen_parameter_untouched_and_stateless():
+def test_frozen_parameter_untouched_and_stateless(ref):
   params0, grads = _init_params(), _grads(4)
   cfg = _optim_config(optimizer="adamw", groups=(("model/backbone/bn/.*", dict(name="bn", frozen=True)),
                                                  ("loss/.*", dict(name="proxies", lr_mult=100.0))))
@@ -160,13 +176,16 @@ def test_frozen_parameter_untouched_and_stateless():
   assert final.tobytes() == params0["model/backbone/bn/scale"].tobytes()
   state_paths = {p for s in state["opt_state"].values() for p in tree_lib.flatten(s)}
   assert not any("bn" in p for p in state_paths), state_paths
-  ref = _run_torch("adamw", params0, grads, 2, lr=1e-2, wd=1e-2, clip=2.0, frozen=("model/backbone/bn/scale",))
+  expected = _torch_history(ref, "train_optim/adamw_frozen", kind="adamw", params0=params0, grads=grads,
+                            steps_per_epoch=2, lr=1e-2, wd=1e-2, clip=2.0, frozen=("model/backbone/bn/scale",))
   for p in SHAPES:
-    np.testing.assert_allclose(ours[-1][p], ref[-1][p], rtol=2e-5, atol=3e-5, err_msg=p)
+    np.testing.assert_allclose(ours[-1][p], expected[-1][p], rtol=2e-5, atol=3e-5, err_msg=p)
 
 
-def test_schedules_match_torch():
+def test_schedules_match_torch(ref):
   def torch_lrs(make, epochs, base=0.1):
+    import torch
+
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
     sched = make(opt)
     out = []
@@ -176,19 +195,25 @@ def test_schedules_match_torch():
       sched.step()
     return out
 
-  lrs = torch.optim.lr_scheduler
-  cases = [
-      (EpochSchedule(name="step", step_size=3, gamma=0.5), lambda o: lrs.StepLR(o, step_size=3, gamma=0.5)),
-      (EpochSchedule(name="multistep", milestones=(2, 5, 7), gamma=0.1),
-       lambda o: lrs.MultiStepLR(o, milestones=[2, 5, 7], gamma=0.1)),
-      # T_max != number of epochs: torch's curve keeps oscillating past T_max.
-      (EpochSchedule(name="cosine", t_max=7, eta_min=1e-4), lambda o: lrs.CosineAnnealingLR(o, T_max=7, eta_min=1e-4)),
-      (EpochSchedule(name="constant"), lambda o: lrs.LambdaLR(o, lambda e: 1.0)),
-  ]
-  for ours, make in cases:
-    expected = torch_lrs(make, 20)
+  def compute():
+    from torch.optim import lr_scheduler as lrs
+
+    return {
+        "step": torch_lrs(lambda o: lrs.StepLR(o, step_size=3, gamma=0.5), 20),
+        "multistep": torch_lrs(lambda o: lrs.MultiStepLR(o, milestones=[2, 5, 7], gamma=0.1), 20),
+        # T_max != number of epochs: torch's curve keeps oscillating past T_max.
+        "cosine": torch_lrs(lambda o: lrs.CosineAnnealingLR(o, T_max=7, eta_min=1e-4), 20),
+        "constant": torch_lrs(lambda o: lrs.LambdaLR(o, lambda e: 1.0), 20),
+    }
+
+  expected = ref("train_optim/schedules", compute)
+  cases = [EpochSchedule(name="step", step_size=3, gamma=0.5),
+           EpochSchedule(name="multistep", milestones=(2, 5, 7), gamma=0.1),
+           EpochSchedule(name="cosine", t_max=7, eta_min=1e-4),
+           EpochSchedule(name="constant")]
+  for ours in cases:
     got = [ours.learning_rate(e, 0.1) for e in range(20)]
-    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-15, err_msg=ours.name)
+    np.testing.assert_allclose(got, expected[ours.name], rtol=1e-9, atol=1e-15, err_msg=ours.name)
   # DADA: schedulers start stepping after warm-up.
   offset = EpochSchedule(name="step", step_size=4, gamma=0.45, offset=1)
   assert [offset.learning_rate(e, 1.0) for e in (0, 1, 4, 5)] == [1.0, 1.0, 1.0, 0.45]
@@ -217,29 +242,36 @@ def test_plan_describe_lists_groups():
   assert math.isinf(plan.window["model/backbone/bn/scale"][0])
 
 
-def test_adam_bias_correction_is_torch_exact_in_the_first_steps():
+def test_adam_bias_correction_is_torch_exact_in_the_first_steps(ref):
   # torch forms 1 - b ** t in double precision; float32 1 - 0.999 ** 1 is 1.3e-5 off (the first step 6e-6
   # too small). The relative difference must stay at float32 rounding.
   rng = np.random.default_rng(3)
   p0 = np.zeros(64, np.float32)  # parameters near 0 resolve the update to float32 rounding
   grads = [rng.normal(size=(64,)).astype(np.float32) for _ in range(3)]
-  tp = torch.nn.Parameter(torch.tensor(p0))
-  opt = torch.optim.Adam([tp], lr=1e-3)
+
+  def compute():
+    import torch
+
+    tp = torch.nn.Parameter(torch.tensor(p0))
+    opt = torch.optim.Adam([tp], lr=1e-3)
+    out = {}
+    for t, g in enumerate(grads):
+      opt.zero_grad()
+      tp.grad = torch.tensor(g)
+      opt.step()
+      out[f"params/{t}"] = tp.detach().numpy().copy()
+    return out
+
+  expected = ref("train_optim/adam_bias_correction", compute)
   transform = optim.make_group_transform(optim.ParamPlan(
       _optim_config(optimizer="adam", weight_decay=0.0, clip_value=0.0, groups=()), ["w"]).settings["base"])
   params = jnp.asarray(p0)
   state = transform.init(params)
-  for g in grads:
-    opt.zero_grad()
-    tp.grad = torch.tensor(g)
-    opt.step()
+  for t, g in enumerate(grads):
     updates, state = transform.update(jnp.asarray(g), state, params, learning_rate=np.float32(1e-3))
     params = optax.apply_updates(params, updates)
-    np.testing.assert_allclose(np.asarray(params), tp.detach().numpy(), rtol=1e-6, atol=5e-10)
+    np.testing.assert_allclose(np.asarray(params), expected[f"params/{t}"], rtol=1e-6, atol=5e-10)
   # optax.adam's float32 bias correction is measurably off on the same inputs (the reason for the above).
   reference = optax.chain(optax.scale_by_adam(), optax.scale(-1e-3))
   first = reference.update(jnp.asarray(grads[0]), reference.init(jnp.asarray(p0)))[0]
-  torch_first = torch.optim.Adam([q := torch.nn.Parameter(torch.tensor(p0))], lr=1e-3)
-  q.grad = torch.tensor(grads[0])
-  torch_first.step()
-  assert np.max(np.abs(np.asarray(first) / q.detach().numpy() - 1)) > 3e-6
+  assert np.max(np.abs(np.asarray(first) / expected["params/0"] - 1)) > 3e-6

@@ -1,8 +1,9 @@
-"""VPTSP-G on a tiny ViT against references written here from the authors' code (torch / numpy).
+"""VPTSP-G on a tiny ViT against references written here from the paper and its official code (torch / numpy).
 
 The torch reference follows the official code's structure (prompts in front of the cls token, the
 `Simple_GRUCell` gate convention, the container update, the `both_all` Proxy-Anchor normaliser) on a timm
-ViT holding the same weights; it never calls dml_jax's method or loss code.
+ViT holding the same weights; it never calls dml_jax's method or loss code. Its results come from
+tests/references (`ref` fixture); every input is seeded numpy.
 """
 
 from __future__ import annotations
@@ -11,27 +12,23 @@ import math
 
 import jax
 import jax.numpy as jnp
+import live
 import ml_collections
 import numpy as np
 import pytest
+from seeded import timm_vit_state_dict
 
-torch = pytest.importorskip("torch")
-timm = pytest.importorskip("timm")
-
-import torch.nn.functional as F  # noqa: E402
-from timm.models.vision_transformer import VisionTransformer as TimmViT  # noqa: E402
-
-from dml_jax import losses, methods  # noqa: E402
-from dml_jax.backbones import get_entry  # noqa: E402
-from dml_jax.backbones.registry import get_pretrained_cfg  # noqa: E402
-from dml_jax.convert import vit as convert_vit  # noqa: E402
-from dml_jax.convert.state_dict_reader import StateDictReader  # noqa: E402
-from dml_jax.convert.weights_dir import write_weights_dir  # noqa: E402
-from dml_jax import pytree as tree_lib  # noqa: E402
-from dml_jax.methods import HostBatch, StepInfo  # noqa: E402
-from dml_jax.methods import vptsp  # noqa: E402
-from dml_jax.train import optim  # noqa: E402
-from dml_jax.train.config import check_config, default_config  # noqa: E402
+from dml_jax import losses, methods
+from dml_jax.backbones import get_entry
+from dml_jax.backbones.registry import get_pretrained_cfg
+from dml_jax.convert import vit as convert_vit
+from dml_jax.convert.state_dict_reader import StateDictReader
+from dml_jax.convert.weights_dir import write_weights_dir
+from dml_jax import pytree as tree_lib
+from dml_jax.methods import HostBatch, StepInfo
+from dml_jax.methods import vptsp
+from dml_jax.train import optim
+from dml_jax.train.config import check_config, default_config
 
 TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)
 EMBED, CLASSES, K = 48, 6, 2
@@ -67,18 +64,13 @@ def _released_config():
   return module.get_config()
 
 
-def _timm_tiny(seed: int = 0) -> TimmViT:
-  torch.manual_seed(seed)
-  tm = TimmViT(**TINY, num_classes=0).eval()
-  with torch.no_grad():
-    for p in tm.parameters():  # non-zero biases and LayerNorms, so that every tensor matters
-      p.add_(torch.randn_like(p) * 0.1)
-  return tm
+def _tiny_sd() -> dict[str, np.ndarray]:
+  # Non-zero biases and LayerNorms, so that every tensor matters.
+  return timm_vit_state_dict(0, **TINY)
 
 
-def write_timm_weights(tm: TimmViT, out) -> str:
-  """The timm model converted to a weights directory (what convert_timm_weights.py writes)."""
-  sd = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
+def write_timm_weights(sd: dict[str, np.ndarray], out) -> str:
+  """The timm state dict converted to a weights directory (what convert_timm_weights.py writes)."""
   arch = {**get_entry("vit_small_patch16_224").arch, **TINY}
   flat = convert_vit.from_torch(StateDictReader(sd, "test"), arch)
   write_weights_dir(out, model_name="vit_small_patch16_224", family="vit", arch=arch, flat=flat,
@@ -94,13 +86,14 @@ def _images(seed: int = 0) -> np.ndarray:
 # -- torch reference, from the authors' code ------------------------------------------------------------------
 
 
-def _t(x, grad=True):
-  return torch.tensor(np.asarray(x), requires_grad=grad)
-
-
-def torch_reference(tm: TimmViT, flat: dict, semantic: np.ndarray, images: np.ndarray, labels: np.ndarray,
-                    opts: dict):
+def torch_reference(tm, flat: dict, semantic: np.ndarray, images: np.ndarray, labels: np.ndarray, opts: dict):
   """Loss, new S and gradients of one VPTSP step (no dropout), as the official code computes them."""
+  import torch
+  import torch.nn.functional as F
+
+  def _t(x, grad=True):
+    return torch.tensor(np.asarray(x), requires_grad=grad)
+
   for name, p in tm.named_parameters():
     p.requires_grad_("bias" in name)  # BitFit
     p.grad = None
@@ -177,14 +170,13 @@ def torch_reference(tm: TimmViT, flat: dict, semantic: np.ndarray, images: np.nd
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-  tm = _timm_tiny()
-  weights = write_timm_weights(tm, tmp_path_factory.mktemp("weights"))
+  weights = write_timm_weights(_tiny_sd(), tmp_path_factory.mktemp("weights"))
   method = methods.build(tiny_config(weights=weights), num_classes=CLASSES)
   params, state = method.init(jax.random.key(0))
   value_and_grad = jax.jit(jax.value_and_grad(
       lambda p, s, b: method.loss_fn(p, s, b, jax.random.key(1), StepInfo(jnp.int32(0), jnp.int32(0))),
       has_aux=True))
-  return method, params, state, tm, value_and_grad, weights
+  return method, params, state, None, value_and_grad, weights
 
 
 def _batch():
@@ -222,13 +214,44 @@ def test_registered_and_layout(tiny):
   assert not any(p.startswith("model/backbone/") for p in set(flat) - frozen - set(trainable_backbone))
 
 
-def test_loss_state_and_gradients_match_torch_reference(tiny):
-  method, params, state, tm, value_and_grad, _ = tiny
+def _seeded_method_values(params, state, seed: int = 3):
+  """The method's own parameters (outside the backbone) and S replaced by seeded numpy values of the same
+  shapes, so that the reference's inputs do not depend on dml_jax's initialisers."""
+  rng = np.random.default_rng(seed)
+  flat = tree_lib.flatten(params)
+  for path, value in flat.items():
+    if path.startswith("model/backbone/"):
+      continue
+    noise = rng.standard_normal(value.shape)
+    if path.endswith("fc_norm/scale"):
+      noise = 1.0 + 0.1 * noise
+    elif path.endswith("bias") or "/gru/b_" in path:
+      noise = 0.1 * noise
+    else:  # prompts, kernels, GRU matrices, the proxy bias O: about the scale of their xavier inits
+      noise = noise / math.sqrt(max(value.shape[-1], 1))
+    flat[path] = jnp.asarray(noise, value.dtype)
+  semantic = rng.standard_normal(state["semantic_proxies"].shape)
+  semantic /= np.linalg.norm(semantic, axis=1, keepdims=True)
+  return (tree_lib.nest(flat, tree_lib.key_index(params)),
+          {**state, "semantic_proxies": jnp.asarray(semantic, state["semantic_proxies"].dtype)})
+
+
+def test_loss_state_and_gradients_match_torch_reference(tiny, ref):
+  method, params, state, _, value_and_grad, _ = tiny
+  params, state = _seeded_method_values(params, state)
   (loss, (metrics, new_state)), grads = value_and_grad(params, state, _batch())
   flat = {k: np.asarray(v) for k, v in tree_lib.flatten(params).items()}
-  ref_loss, ref_semantic, ref_grads = torch_reference(
-      tm, flat, np.asarray(state["semantic_proxies"]), _images(), LABELS,
-      dict(k=K, semantic_mix="gru_relu", alpha=0.3))
+
+  def compute():
+    tm = live.timm_vit(_tiny_sd(), **TINY)
+    ref_loss, ref_semantic, ref_grads = torch_reference(
+        tm, flat, np.asarray(state["semantic_proxies"]), _images(), LABELS,
+        dict(k=K, semantic_mix="gru_relu", alpha=0.3))
+    return {"loss": ref_loss, "semantic": ref_semantic, **{f"grad:{k}": v for k, v in ref_grads.items()}}
+
+  expected = ref("vptsp/tiny_step", compute)
+  ref_loss, ref_semantic = float(expected["loss"]), expected["semantic"]
+  ref_grads = {k[len("grad:"):]: v for k, v in expected.items() if k.startswith("grad:")}
   np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(new_state["semantic_proxies"]), ref_semantic, atol=2e-6)
   # Only the batch's classes moved in S (the others are re-normalised unit rows: equal to 1 ulp).

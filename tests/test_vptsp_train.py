@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-import pytest
 from flax import nnx
 
 from dml_jax import backbones, methods
@@ -249,7 +248,7 @@ def test_digits_demo_recall_rises_and_the_vit_stays_frozen(tmp_path):
 
   # The frozen ViT weights of the last checkpoint are the converted file's, bit for bit; the biases moved.
   loaded = dict(np.load(weights / "params.npz"))
-  state = ocp.StandardCheckpointer().restore(tmp_path.absolute() / "run" / "checkpoints" / "last" / "200" / "state")
+  state = ocp.StandardCheckpointer().restore(tmp_path.absolute() / "run" / "checkpoints" / "steps" / "200" / "state")
   final = tree_lib.flatten(state["params"])
   for name, value in loaded.items():
     ours = np.asarray(final[f"model/backbone/{name}"])
@@ -260,21 +259,20 @@ def test_digits_demo_recall_rises_and_the_vit_stays_frozen(tmp_path):
 
 
 def test_cars_vitb_config_trains_end_to_end_from_converted_weights(tmp_path):
-  """`python train.py --config configs/cars_vitb.py` on a generated Cars196 tree with timm weights converted
-  to a weights directory; the architecture is shrunk from the command line (a ViT-B/16 step is minutes on CPU)."""
+  """`python train.py --config configs/cars_vitb.py` on a generated Cars196 tree with timm-layout weights
+  converted to a weights directory; the architecture is shrunk from the command line (a ViT-B/16 step is
+  minutes on CPU)."""
   import subprocess
   import sys
 
-  torch = pytest.importorskip("torch")
-  from timm.models.vision_transformer import VisionTransformer as TimmViT
+  from seeded import timm_vit_state_dict
 
   from dml_jax.convert import vit as convert_vit
   from dml_jax.convert.state_dict_reader import StateDictReader
   from dml_jax.data import synthetic
 
   synthetic.cars_folders(str(tmp_path / "data"), num_classes=8, images_per_class=lambda c: 4, size=(48, 40))
-  torch.manual_seed(0)
-  sd = {k: v.numpy() for k, v in TimmViT(**TINY, num_classes=0).state_dict().items()}
+  sd = timm_vit_state_dict(0, **TINY, scale=0.02)  # about timm's init (weights std 0.02)
   arch = {**backbones.get_entry("vit_base_patch16_224").arch, **TINY}
   flat = convert_vit.from_torch(StateDictReader(sd, "timm tiny ViT"), arch)
   write_weights_dir(tmp_path / "weights", model_name="vit_base_patch16_224", family="vit", arch=arch, flat=flat,
@@ -327,7 +325,7 @@ def test_memory_bank_trains_in_the_trainer_and_resumes_exactly(tmp_path, capsys)
     return [(r["step"], r["loss"]) for r in map(json.loads, lines) if r["kind"] == "train"]
 
   assert [s for s, _ in losses("full")] == [1, 2, 3, 4] and losses("full") == losses("resumed")
-  mngr = ocp.CheckpointManager((tmp_path / "full").absolute() / "checkpoints" / "last")
+  mngr = ocp.CheckpointManager((tmp_path / "full").absolute() / "checkpoints" / "steps")
   host = mngr.restore(4, args=ocp.args.Composite(host=ocp.args.StandardRestore())).host
   mngr.close()
   from dml_jax import data as data_lib

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Any, Callable
 
 import jax
 from flax import nnx
 
 from dml_jax.backbones.weights import load_weights_into
+from dml_jax.errors import UnknownNameError, close_matches
 from dml_jax.preprocessing import PretrainedCfg
 
 
@@ -45,8 +45,9 @@ def get_entry(name: str) -> ModelEntry:
   _ensure_families_imported()
   base = name.split(".", 1)[0]  # 'vit_base_patch16_224.augreg_in21k' -> architecture name
   if base not in _REGISTRY:
-    close = difflib.get_close_matches(base, list(_REGISTRY), n=3)
-    raise KeyError(f"unknown backbone {name!r}; close matches: {close}; known: {sorted(_REGISTRY)}")
+    close = close_matches(base, list(_REGISTRY), n=3)
+    guess = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    raise UnknownNameError(f"unknown backbone {name!r}; {guess}known: {', '.join(sorted(_REGISTRY))}")
   return _REGISTRY[base]
 
 
@@ -60,7 +61,10 @@ def get_pretrained_cfg(name: str) -> PretrainedCfg:
     return entry.pretrained_cfg
   tag = name.split(".", 1)[1]
   if tag not in entry.pretrained_tags:
-    raise KeyError(f"unknown pretrained tag {tag!r} for {entry.name!r}; known tags: {sorted(entry.pretrained_tags)}")
+    close = close_matches(tag, list(entry.pretrained_tags))
+    guess = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    raise UnknownNameError(f"unknown pretrained tag {tag!r} for {entry.name!r}; {guess}known tags: "
+                           f"{sorted(entry.pretrained_tags)}")
   return entry.pretrained_tags[tag]
 
 

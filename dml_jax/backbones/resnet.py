@@ -68,7 +68,12 @@ class Bottleneck(nnx.Module):
     y = jax.nn.relu(self.bn2(self.conv2(y)))
     y = self.bn3(self.conv3(y))
     shortcut = x if self.downsample is None else self.downsample[1](self.downsample[0](x))
-    return jax.nn.relu(y + shortcut)
+    out = y + shortcut
+    # relu written as a product with its mask: XLA's CPU fusion pass treats max(out, 0) of a sum as cheap
+    # enough to copy into every consumer and recomputed the whole stage's residual stream inside each
+    # transposed weight-gradient fusion (docs/benchmarks.md, train step); the product is computed once.
+    # Same values and the same gradient as relu.
+    return out * (out > 0).astype(out.dtype)
 
 
 class ResNet(nnx.Module):

@@ -14,13 +14,33 @@ The forward pass is split so that methods can reuse the pieces without copying t
   pooled = vit.pool(tokens)                     # [B, D]
 
 `forward_features` is the first three, `__call__` all four (timm's
-`forward_head(forward_features(x), pre_logits=True)`). A method that needs its own block loop (DFML's routed
-stream) iterates `vit.blocks` and uses `Block.norm1/attn/norm2/mlp`, `Attention.qkv/proj/split_heads` and
-`attend` directly.
+`forward_head(forward_features(x), pre_logits=True)`).
+
+Inside the blocks the token stream is flat, [B*N, D] (B samples of N tokens), and the blocks' LayerNorms
+have a hand-written backward (`LayerNorm`). Both are for XLA's CPU fusion pass, which otherwise rebuilds
+the backward pass badly: jax's own LayerNorm gradient ends the residual-stream gradient of every block
+with an add of a broadcast per-token statistic, which XLA counts as "effectively unary" and so free to
+duplicate into each consumer. Every block's gradient then re-adds the contributions of all later blocks
+instead of reading the computed value: fusions whose operand count and cost grow with depth (ViT-S/16 at
+batch 16: up to ~180 operands, together more than a third of a CPU training step). On [B, N, D] arrays
+XLA's CPU backend also feeds the weight gradients of `qkv`, `proj`, `fc1` and `fc2` a transposed [D, B*N]
+copy of the gradient, the costliest of those fusions; a 2-D dot contracts the token axis of both operands
+without a copy.
+
+A method that needs its own block loop (e.g. DFML's factorized blocks) keeps the same layout: flatten
+`embed`'s tokens to [B*N, D] once and pass the sequence length N along. The pieces all work on flat tokens:
+`Block.norm1/norm2` (`LayerNorm`, per token), `Attention.qkv` and `Attention.split_heads(qkv, N)` -> q, k,
+v [B, N, H, hd], `attend`, `Attention.merge_heads` -> [B*N, h*hd], `Attention.proj`, and `Mlp.fc1`, `gelu`,
+`Mlp.fc2` (per token). A sub-block over heads g computes `merge_heads(attend(q[:, :, g], k[:, :, g],
+v[:, :, g])) @ proj.kernel[rows of g]` and one over hidden units u `gelu(fc1(x)[:, u]) @ fc2.kernel[u]`;
+the sub-blocks' outputs (plus each bias once) sum to `attn` and `mlp` up to rounding. Summing them and adding the
+residual on the flat [B*N, D] arrays, with `LayerNorm` for every norm on the stream, keeps the backward free
+of the recomputing fusions (`tests/test_vit_fusion.py` checks the blocks for this).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any, Mapping
@@ -62,11 +82,67 @@ def _linear(in_features: int, out_features: int, *, use_bias: bool = True, dtype
                     rngs=rngs)
 
 
-def _layer_norm(dim: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm_fn(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+  """x [..., D] in the compute dtype, scale and bias [D] -> [..., D] in x's dtype; statistics in float32."""
+  y, _ = _layer_norm_fwd(x, scale, bias, eps)
+  return y
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+  xf = x.astype(jnp.float32)
   # Two-pass variance as torch's LayerNorm: E[x^2] - E[x]^2 loses digits on the large residual streams
   # of pretrained ViTs.
-  return nnx.LayerNorm(dim, epsilon=_LN_EPS, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype,
-                       rngs=rngs)
+  centred = xf - jnp.mean(xf, axis=-1, keepdims=True)
+  rstd = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
+  xhat = centred * rstd
+  y = xhat * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+  # xhat and rstd are all the backward needs; bias only for its dtype (it is tiny).
+  return y.astype(x.dtype), (xhat, rstd, scale, bias)
+
+
+def _layer_norm_bwd(eps, res, dy):
+  del eps
+  xhat, rstd, scale, bias = res
+  x_dtype, dy = dy.dtype, dy.astype(jnp.float32)  # y has x's dtype, so its cotangent does too
+  lead = tuple(range(dy.ndim - 1))
+  d_scale = jnp.sum(dy * xhat, axis=lead).astype(scale.dtype)
+  d_bias = jnp.sum(dy, axis=lead).astype(bias.dtype)
+  g = dy * scale.astype(jnp.float32)
+  # One expression for dx, ending in a product with a per-token factor: the block's residual gradient is then
+  # `add(residual cotangent, dx)`, two full-size operands, which XLA materialises once instead of
+  # duplicating into every consumer (see the module docstring).
+  dx = rstd * (g - jnp.mean(g, axis=-1, keepdims=True) - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
+  return dx.astype(x_dtype), d_scale, d_bias
+
+
+_layer_norm_fn.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis, `scale` and `bias` as timm's weight and bias, with a hand-written VJP.
+
+  Same numbers as torch's LayerNorm (two-pass variance, float32 statistics, (x - mean) * rstd * scale + bias);
+  the backward is the textbook formula, written out so that XLA does not recompute the residual-stream
+  gradient across blocks (module docstring).
+  """
+
+  def __init__(self, dim: int, *, epsilon: float = _LN_EPS, dtype, param_dtype, rngs: nnx.Rngs):
+    # Scale 1, bias 0; one key drawn for each as nnx.LayerNorm does, so that a seed gives the same random
+    # ViT as before.
+    self.epsilon = epsilon
+    self.scale = nnx.Param(nnx.initializers.ones(rngs.params(), (dim,), param_dtype))
+    self.bias = nnx.Param(nnx.initializers.zeros(rngs.params(), (dim,), param_dtype))
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[..., D] -> [..., D] in the compute dtype (x's dtype when dtype is None)."""
+    dtype = self.dtype if self.dtype is not None else jnp.result_type(x, self.scale[...])
+    return _layer_norm_fn(x.astype(dtype), self.scale[...], self.bias[...], self.epsilon)
+
+
+def _layer_norm(dim: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> LayerNorm:
+  return LayerNorm(dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 class PatchEmbed(nnx.Module):
@@ -85,7 +161,10 @@ class PatchEmbed(nnx.Module):
 
 
 class Attention(nnx.Module):
-  """timm Attention: fused `qkv` Linear D -> 3D, per-head softmax attention, `proj` Linear D -> D."""
+  """timm Attention: fused `qkv` Linear D -> 3D, per-head softmax attention, `proj` Linear D -> D.
+
+  Works on flat tokens [B*N, D] (see the module docstring); `seq_len` N tells where one sample ends.
+  """
 
   def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool, dtype, param_dtype, rngs: nnx.Rngs):
     if dim % num_heads:
@@ -95,21 +174,24 @@ class Attention(nnx.Module):
     self.qkv = _linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.proj = _linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-  def split_heads(self, qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """qkv output [B, N, 3*H*hd] -> q, k, v each [B, N, H, hd] (timm's reshape(B, N, 3, H, hd))."""
-    b, n, _ = qkv.shape
-    qkv = qkv.reshape(b, n, 3, self.num_heads, self.head_dim)
+  def split_heads(self, qkv: jax.Array, seq_len: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """qkv output [B*N, 3*H*hd] -> q, k, v each [B, N, H, hd] (timm's reshape(B, N, 3, H, hd))."""
+    qkv = qkv.reshape(-1, seq_len, 3, self.num_heads, self.head_dim)
     return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """[B, N, D] -> [B, N, D]."""
-    b, n, d = x.shape
-    out = attend(*self.split_heads(self.qkv(x)))
-    return self.proj(out.reshape(b, n, d))
+  @staticmethod
+  def merge_heads(out: jax.Array) -> jax.Array:
+    """Per-head outputs [B, N, h, hd] -> flat tokens [B*N, h*hd], heads in order (the rows of `proj`'s kernel)."""
+    b, n, h, hd = out.shape
+    return out.reshape(b * n, h * hd)
+
+  def __call__(self, x: jax.Array, seq_len: int) -> jax.Array:
+    """Flat tokens [B*N, D] -> [B*N, D]."""
+    return self.proj(self.merge_heads(attend(*self.split_heads(self.qkv(x), seq_len))))
 
 
 class Mlp(nnx.Module):
-  """fc1 (D -> hidden), exact GELU, fc2 (hidden -> D)."""
+  """fc1 (D -> hidden), exact GELU, fc2 (hidden -> D); per token, so any leading shape (flat tokens [B*N, D])."""
 
   def __init__(self, dim: int, hidden: int, *, dtype, param_dtype, rngs: nnx.Rngs):
     self.fc1 = _linear(dim, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -129,9 +211,16 @@ class Block(nnx.Module):
     self.norm2 = _layer_norm(dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """[B, N, D] -> [B, N, D]."""
-    x = x + self.attn(self.norm1(x))
+  def __call__(self, x: jax.Array, seq_len: int | None = None) -> jax.Array:
+    """Flat tokens [B*N, D] with seq_len N -> [B*N, D]; or [B, N, D] -> [B, N, D] when seq_len is None.
+
+    Loops over blocks should stay flat between blocks (module docstring); the [B, N, D] form is for single
+    calls.
+    """
+    if seq_len is None:
+      b, n, d = x.shape
+      return self(x.reshape(b * n, d), n).reshape(b, n, d)
+    x = x + self.attn(self.norm1(x), seq_len)
     return x + self.mlp(self.norm2(x))
 
 
@@ -203,19 +292,23 @@ class VisionTransformer(nnx.Module):
         of cls instead, which gives the same outputs: attention, LayerNorm and MLP are per token and
         permutation-equivariant.)
     Returns:
-      [B, N, D], before the final norm.
+      [B, N, D], before the final norm. Between blocks the stream is flat, [B*N, D] (module docstring).
     """
     prompts = self._checked_prompts(prompts, tokens)
+    b, n, d = tokens.shape
     k = self.num_prefix_tokens
+    x = tokens.reshape(b * n, d)
     for i, block in enumerate(self.blocks):
       p = prompts.get(i)
       if p is None:
-        tokens = block(tokens)
+        x = block(x, n)
       else:
-        n = p.shape[1]
-        tokens = block(jnp.concatenate([tokens[:, :k], p, tokens[:, k:]], axis=1))
-        tokens = jnp.concatenate([tokens[:, :k], tokens[:, k + n:]], axis=1)
-    return tokens
+        tokens = x.reshape(b, n, d)
+        m = n + p.shape[1]
+        x = block(jnp.concatenate([tokens[:, :k], p, tokens[:, k:]], axis=1).reshape(b * m, d), m)
+        tokens = x.reshape(b, m, d)
+        x = jnp.concatenate([tokens[:, :k], tokens[:, m - n + k:]], axis=1).reshape(b * n, d)
+    return x.reshape(b, n, d)
 
   def forward_features(self, x: jax.Array, prompts: Mapping[int, jax.Array] | None = None) -> jax.Array:
     """Images [B, H, W, C] -> tokens [B, prefix + grid**2, D] after the final LayerNorm (timm's forward_features)."""

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dml_jax.errors import InvalidValueError, UserError, UserFileNotFoundError
 from dml_jax.preprocessing import PretrainedCfg
 
 FORMAT_VERSION = 1
@@ -28,12 +29,13 @@ LOADED = (nnx.Param, nnx.BatchStat)  # what a weights directory holds: parameter
 _LOAD_ADAPTERS: dict[str, Callable[[dict[str, np.ndarray], dict[str, tuple[int, ...]]], dict[str, np.ndarray]]] = {}
 
 
-class WeightsMismatchError(ValueError):
+class WeightsMismatchError(UserError, ValueError):
   """Weights do not fit a model: lists every missing, unexpected and mis-shaped key."""
 
   def __init__(self, source: str, *, missing=(), unexpected=(), misshaped=(), note: str = ""):
     self.missing, self.unexpected, self.misshaped = list(missing), list(unexpected), list(misshaped)
-    lines = [f"weights from {source} do not fit the model" + (f" ({note})" if note else "") + ":"]
+    headline = f"weights from {source} do not fit the model" + (f" ({note})" if note else "")
+    lines = []
     if self.missing:
       lines.append(f"  missing keys ({len(self.missing)}): {_short(self.missing)}")
     if self.unexpected:
@@ -41,7 +43,16 @@ class WeightsMismatchError(ValueError):
     if self.misshaped:
       lines.append(f"  mis-shaped keys ({len(self.misshaped)}): " +
                    _short([f"{k}: file {a} vs model {b}" for k, a, b in self.misshaped]))
-    super().__init__("\n".join(lines))
+    counts = [f"{len(v)} {k}" for k, v in (("missing", self.missing), ("unexpected", self.unexpected),
+                                            ("mis-shaped", self.misshaped)) if v]
+    super().__init__(f"{headline}: {', '.join(counts)} keys" if counts else headline,
+                     "weights and model must be one architecture: convert the matching checkpoint "
+                     "(convert_timm_weights.py --model NAME), or choose the model the weights were made for",
+                     details=lines)
+
+
+class WeightsNotFoundError(UserFileNotFoundError):
+  """A weights directory (or checkpoint) the user named does not exist or is incomplete."""
 
 
 def _short(items, limit: int = 40) -> str:
@@ -84,25 +95,40 @@ def strict_update(model: nnx.Module, flat: Mapping[str, np.ndarray], source: str
   nnx.update(model, nnx.from_flat_state(state))
 
 
-def read_weights_dir(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """(model.json as a dict, {flat path: array}) of a weights directory; numpy only."""
+def read_weights_dir(path: str | os.PathLike, *, model: str | None = None
+                     ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """(model.json, {key: array}) of a weights directory, numpy only; `model` (the intended name) goes into
+  the fix hint."""
   path = pathlib.Path(path)
   meta_path, params_path = path / META_FILE, path / PARAMS_FILE
+  convert = (f"python convert_timm_weights.py --model {model or 'MODEL'} --out {path} (with --checkpoint FILE "
+             "offline)")
+  if not path.is_dir():
+    raise WeightsNotFoundError(f"weights directory {path} does not exist", f"convert the weights once: {convert}")
   for p in (meta_path, params_path):
     if not p.is_file():
-      raise FileNotFoundError(f"{p} not found: a weights directory written by convert_timm_weights.py holds "
-                              f"{META_FILE} and {PARAMS_FILE}")
-  meta = json.loads(meta_path.read_text())
+      raise WeightsNotFoundError(f"{p} not found: {path} is not a weights directory written by "
+                                 f"convert_timm_weights.py ({META_FILE} + {PARAMS_FILE})",
+                                 f"convert the weights once: {convert}")
+  try:
+    meta = json.loads(meta_path.read_text())
+  except ValueError as e:
+    raise InvalidValueError(f"{meta_path} is damaged ({e})", f"convert the weights again: {convert}") from None
   if meta.get("format_version") != FORMAT_VERSION:
-    raise ValueError(f"{meta_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
-  with np.load(params_path, allow_pickle=False) as z:
-    flat = {k: z[k] for k in z.files}
+    raise InvalidValueError(f"{meta_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}",
+                            f"convert the weights again with this version: {convert}")
+  try:
+    with np.load(params_path, allow_pickle=False) as z:
+      flat = {k: z[k] for k in z.files}
+  except Exception as e:  # zipfile, EOF, CRC and pickle errors all mean a damaged file
+    raise InvalidValueError(f"{params_path} is damaged ({type(e).__name__}: {e})",
+                            f"convert the weights again: {convert}") from None
   return meta, flat
 
 
 def load_weights_into(model: nnx.Module, path: str | os.PathLike, *, expected_model: str, family: str) -> PretrainedCfg:
   """Strictly loads a weights directory into `model`; returns the weights' preprocessing cfg."""
-  meta, flat = read_weights_dir(path)
+  meta, flat = read_weights_dir(path, model=expected_model)
   if meta["family"] != family or meta["model"] != expected_model:
     # The keys are listed too, so that the message shows how far apart the two architectures are.
     missing, unexpected, misshaped = _key_diff(model_shapes(model), flat)

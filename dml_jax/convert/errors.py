@@ -1,5 +1,23 @@
-"""The one error every strict-loading path raises (defined beside the loader, dml_jax/backbones/weights.py)."""
+"""Errors of weight conversion and loading; every one is a UserError (one `error:` line on the command line).
 
-from dml_jax.backbones.weights import WeightsMismatchError
+The loading errors live beside the loader (dml_jax/backbones/weights.py) and are re-exported here.
+"""
 
-__all__ = ["WeightsMismatchError"]
+from dml_jax.backbones.weights import WeightsMismatchError, WeightsNotFoundError
+from dml_jax.errors import InvalidValueError, UserError
+
+
+class CheckpointReadError(InvalidValueError):
+  """A checkpoint file cannot be read (damaged, wrong kind, pickled objects)."""
+
+
+class OutDirError(UserError, ValueError):
+  """--out names a folder the converter must not replace."""
+
+
+class HubUnavailableError(UserError, RuntimeError):
+  """timm could not get pretrained weights by name (no network, not cached, unknown tag)."""
+
+
+__all__ = ["CheckpointReadError", "HubUnavailableError", "OutDirError", "WeightsMismatchError",
+           "WeightsNotFoundError"]

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from dml_jax.convert.errors import CheckpointReadError
 from dml_jax.convert.state_dict_reader import StateDictReader
 
 CONVERTERS = {
@@ -38,8 +39,8 @@ def convert(family: str, layout: str, reader: StateDictReader, arch: Mapping[str
   fn = getattr(module, _LAYOUT_FUNCTIONS[layout], None)
   if fn is None:
     readable = sorted(layout_ for layout_, name in _LAYOUT_FUNCTIONS.items() if hasattr(module, name))
-    raise ValueError(f"{reader.source}: family {family!r} cannot read {layout!r} checkpoints "
-                     f"(it reads: {readable})")
+    raise CheckpointReadError(f"{reader.source}: family {family!r} cannot read {layout!r} checkpoints "
+                              f"(it reads: {readable})", "pass a checkpoint of the kind this model family reads")
   flat = fn(reader, dict(arch))
   reader.finish()  # a converter that forgot to finish must not let leftovers through
   return flat

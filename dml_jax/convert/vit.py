@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from dml_jax.convert.errors import CheckpointReadError
 from dml_jax.convert.state_dict_reader import StateDictReader
 
 # timm's checkpoint filter drops `pre_logits` (the old in21k representation layer) too; the pooled
@@ -82,12 +83,12 @@ def _npz_prefix(reader: StateDictReader) -> str:
       return prefix
   if any(k.startswith("params/") for k in keys) or "pos_embedding" in keys or any(
       "Transformer/encoderblock/" in k for k in keys):
-    raise ValueError(
+    raise CheckpointReadError(
         f"{reader.source}: this is a big_vision-layout ViT (top-level 'pos_embedding' without a class position, "
         f"'params/' prefix or scanned 'Transformer/encoderblock/' arrays); only the vit_jax / AugReg layout "
         f"('Transformer/posembed_input/pos_embedding', 'Transformer/encoderblock_{{i}}/...') is supported")
-  raise ValueError(f"{reader.source}: no 'embedding/kernel' (nor 'opt/target/embedding/kernel'): not a vit_jax / "
-                   f"AugReg ViT checkpoint; first keys: {sorted(keys)[:10]}")
+  raise CheckpointReadError(f"{reader.source}: no 'embedding/kernel' (nor 'opt/target/embedding/kernel'): not a "
+                            f"vit_jax / AugReg ViT checkpoint; first keys: {sorted(keys)[:10]}")
 
 
 def from_big_vision(reader: StateDictReader, arch: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -100,8 +101,8 @@ def from_big_vision(reader: StateDictReader, arch: Mapping[str, Any]) -> dict[st
   'Transformer/encoder_norm' the final norm.
   """
   if arch.get("distilled", False):
-    raise ValueError(f"{reader.source}: vit_jax / AugReg npz checkpoints have no distillation token; DeiT "
-                     f"weights come as a torch checkpoint")
+    raise CheckpointReadError(f"{reader.source}: vit_jax / AugReg npz checkpoints have no distillation token; "
+                              f"DeiT weights come as a torch checkpoint")
   p = _npz_prefix(reader)
   flat: dict[str, np.ndarray | None] = {}
 

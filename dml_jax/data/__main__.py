@@ -4,8 +4,9 @@
   python -m dml_jax.data prepare --dataset cub200 --data_root /data --out /data/prepared [--shorter_side 256]
 
 verify prints, per split, the images and classes found beside the published counts. Exit status: 0 when
-the layout is recognised, 1 when it is not (or images are missing / unreadable with --check_images),
-2 with --strict when a count differs from the published one.
+the layout is recognised; 1 when images are unreadable (--check_images) or, with --strict, a count differs
+from the published one; 2 with one `error:` line when the layout is not recognised, a class is missing or a
+listed file is not there (--debug adds the traceback).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import logging
 import sys
 from concurrent import futures
 
+from dml_jax import cli
 from dml_jax.data import decode, load_dataset, prepare
-from dml_jax.data.errors import CorruptImageError, DatasetLayoutError, MissingFilesError
 from dml_jax.data.readers import DATASETS, get_reader
 from dml_jax.data.records import DatasetSplits, Records
 
@@ -43,12 +44,8 @@ def _count_unreadable(records: Records, num_threads: int) -> list[str]:
 
 
 def verify(args: argparse.Namespace) -> int:
-  try:
-    splits = load_dataset(args.dataset, args.data_root, source=args.source, tfds_data_dir=args.tfds_data_dir,
-                          vehicleid_test_size=args.vehicleid_test_size)
-  except (DatasetLayoutError, MissingFilesError) as e:
-    print(f"ERROR: {e}", file=sys.stderr)
-    return 1
+  splits = load_dataset(args.dataset, args.data_root, source=args.source, tfds_data_dir=args.tfds_data_dir,
+                        vehicleid_test_size=args.vehicleid_test_size)
   published = get_reader(args.dataset).PUBLISHED
   print(f"dataset {args.dataset}: {splits.layout} in {splits.root}")
   print(f"{'split':<12}{'images':>9}{'classes':>9}   {'published':>9}{'classes':>9}")
@@ -64,7 +61,7 @@ def verify(args: argparse.Namespace) -> int:
       matches = all(p is None or p == f for p, f in zip((pub.images, pub.classes), found))
       verdict = "ok" if matches else "DIFFERS"
       if not matches and args.strict:
-        status = 2
+        status = 1
       if pub.note:
         verdict += f"  ({pub.note})"
     print(f"{split:<12}{found[0]:>9}{found[1]:>9}   {pub_text}   {verdict}")
@@ -80,6 +77,12 @@ def verify(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+  """The command line; returns the exit status (module docstring)."""
+  raw = sys.argv[1:] if argv is None else list(argv)
+  return cli.run(lambda: _main(argv), debug=cli.debug_requested(raw))
+
+
+def _main(argv: list[str] | None) -> int:
   parser = argparse.ArgumentParser(prog="python -m dml_jax.data", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
@@ -89,11 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--dataset", required=True, choices=DATASETS)
     s.add_argument("--data_root", default=None, help="folder holding the dataset folder (digits: optional)")
     s.add_argument("--num_threads", type=int, default=8)
+    s.add_argument("--debug", action="store_true", help="show the traceback of errors too")
   v.add_argument("--source", default="auto", choices=("auto", "raw", "prepared", "tfds"))
   v.add_argument("--tfds_data_dir", default=None)
   v.add_argument("--vehicleid_test_size", default="small", choices=("small", "medium", "large"))
   v.add_argument("--check_images", action="store_true", help="decode every image (1/8-scale JPEG decoding)")
-  v.add_argument("--strict", action="store_true", help="exit 2 when a count differs from the published one")
+  v.add_argument("--strict", action="store_true", help="exit 1 when a count differs from the published one")
   p.add_argument("--out", required=True, help="writes <out>/<dataset>/")
   p.add_argument("--shorter_side", type=int, default=256, help="shrink images whose shorter side is larger")
   p.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
@@ -104,13 +108,9 @@ def main(argv: list[str] | None = None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   if args.command == "verify":
     return verify(args)
-  try:
-    folder = prepare(args.dataset, args.data_root, args.out, shorter_side=args.shorter_side, quality=args.quality,
-                     records_per_shard=args.records_per_shard, num_threads=args.num_threads,
-                     skip_corrupt=args.skip_corrupt, overwrite=args.overwrite)
-  except (DatasetLayoutError, MissingFilesError, CorruptImageError, FileExistsError) as e:
-    print(f"ERROR: {e}", file=sys.stderr)
-    return 1
+  folder = prepare(args.dataset, args.data_root, args.out, shorter_side=args.shorter_side, quality=args.quality,
+                   records_per_shard=args.records_per_shard, num_threads=args.num_threads,
+                   skip_corrupt=args.skip_corrupt, overwrite=args.overwrite)
   print(f"prepared {args.dataset} in {folder}")
   return 0
 

@@ -14,6 +14,8 @@ import tempfile
 import numpy as np
 from PIL import Image
 
+from dml_jax.errors import UserFileExistsError
+
 DIR_NAME = "digits"
 _DONE_MARKER = "COMPLETE"
 _NUM_IMAGES = 1797
@@ -39,8 +41,8 @@ def ensure_digits_tree(root: str | None = None, *, image_size: int = 32) -> str:
   if os.path.isfile(os.path.join(target, _DONE_MARKER)):
     return target
   if os.path.exists(target):
-    raise FileExistsError(f"{target} exists but is not a complete digits tree (no {_DONE_MARKER} file); "
-                          "remove it to have it written again")
+    raise UserFileExistsError(f"{target} exists but is not a complete digits tree (no {_DONE_MARKER} file)",
+                              "remove it to have it written again")
   os.makedirs(root, exist_ok=True)
   digits = load_digits()
   tmp = tempfile.mkdtemp(prefix=".digits-", dir=root)

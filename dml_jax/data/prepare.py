@@ -28,6 +28,7 @@ from PIL import Image
 
 from dml_jax.data import decode, transforms
 from dml_jax.data.errors import DatasetLayoutError
+from dml_jax.errors import UserFileExistsError
 from dml_jax.data.records import DatasetSplits, Records
 
 log = logging.getLogger("dml_jax.data")
@@ -139,12 +140,15 @@ def prepare(name: str, data_root: str, out: str, *, shorter_side: int = 256, qua
   from dml_jax.data.digits import default_root, ensure_digits_tree
   from dml_jax.data.readers import read_raw
 
+  if name == "folder":
+    # Its split is made at load time (seeded, or from the run's split.json); shards would freeze one split.
+    raise ValueError("the 'folder' dataset is read from its class folders; it has no prepared shards")
   if name == "digits":
     data_root = default_root() if data_root is None else data_root
     ensure_digits_tree(data_root)
   target = dataset_dir(out, name)
   if os.path.exists(os.path.join(target, MANIFEST)) and not overwrite:
-    raise FileExistsError(f"{target} already holds a prepared {name!r}; pass overwrite=True (--overwrite)")
+    raise UserFileExistsError(f"{target} already holds a prepared {name!r}", "pass overwrite=True (--overwrite)")
   splits = read_raw(name, data_root, skip_corrupt=skip_corrupt, num_threads=num_threads)
   parts = {"train": splits.train}
   if splits.extra:

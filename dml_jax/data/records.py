@@ -124,13 +124,15 @@ class DatasetSplits:
   """A dataset's DML splits.
 
   Attributes:
-    name: dataset name ('cub200', 'cars196', 'sop', 'inshop', 'inaturalist', 'vehicleid', 'digits').
+    name: dataset name ('cub200', 'cars196', 'sop', 'inshop', 'inaturalist', 'vehicleid', 'digits', 'folder').
     train: the training classes; labels 0..num_train_classes-1.
     eval: the test classes (In-Shop: query + gallery with roles 'query' / 'gallery'; VehicleID: the
       chosen test list). Labels are contiguous within eval, unrelated to the training labels.
     layout: which on-disk layout (or source) was read, for logs.
     root: the dataset folder that was read.
     extra: further evaluation splits (VehicleID: every test list found), by name.
+    split_manifest: for datasets split at load time (`folder`), the JSON-able description of the class split
+      that reproduces it when passed back (readers/folder.py); None for the fixed published splits.
   """
 
   name: str
@@ -139,6 +141,7 @@ class DatasetSplits:
   layout: str = ""
   root: str = ""
   extra: dict[str, Records] = dataclasses.field(default_factory=dict)
+  split_manifest: dict[str, Any] | None = None
 
   @property
   def num_train_classes(self) -> int:

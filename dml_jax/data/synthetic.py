@@ -3,6 +3,10 @@
 Each writer creates the folders and split files a real download would have, with small generated
 images, and returns what a reader must find: {split: (num_images, num_classes)} (In-Shop adds 'query'
 and 'gallery'; VehicleID has 'train' and 'test_<size>').
+
+CUB and Cars trees with fewer classes than the dataset take the first classes of each official split
+(CUB ids 1.. and 101..; Cars 1.. and 99..) and declare them in `dml_jax_subset.txt`, as a partial tree
+must: the readers split by class id and refuse a tree with missing classes otherwise.
 """
 
 from __future__ import annotations
@@ -43,9 +47,29 @@ def _per_class(c: int) -> int:
   return 1 + c % 3  # 1, 2, 3, 1, 2, 3 ...: uneven classes catch off-by-one splits
 
 
+def split_class_ids(num_classes: int, total: int, num_train: int) -> list[int]:
+  """`num_classes` official class ids: all `total` of them, or the first of each split (half train, rest test)."""
+  if num_classes == total:
+    return list(range(1, total + 1))
+  half = num_classes // 2
+  if not 1 <= half <= num_train or not 1 <= num_classes - half <= total - num_train:
+    raise ValueError(f"cannot take {num_classes} classes, half from each split of {num_train} + {total - num_train}")
+  return list(range(1, half + 1)) + list(range(num_train + 1, num_train + 1 + num_classes - half))
+
+
+def write_subset_file(folder: str, class_ids: list[int], total: int) -> None:
+  """Declares a partial tree (readers' SUBSET_FILE); nothing is written for a complete one."""
+  if len(class_ids) == total:
+    return
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, "dml_jax_subset.txt"), "w") as f:
+    f.write("# class ids of this partial tree (written by dml_jax.data.synthetic)\n")
+    f.writelines(f"{c}\n" for c in class_ids)
+
+
 def class_folders(root: str, dirname: str, class_names: list[str], *, images_per_class: Callable[[int], int] =
                   _per_class, size: tuple[int, int] = (12, 10), ext: str = ".jpg") -> Counts:
-  """<root>/<dirname>/images/<class>/<i>.jpg; the first half of `class_names` (reader order) trains."""
+  """<root>/<dirname>/images/<class>/<i>.jpg; the first half of `class_names` must be the training classes."""
   counts = [images_per_class(c) for c in range(len(class_names))]
   for c, name in enumerate(class_names):
     for i in range(counts[c]):
@@ -56,16 +80,21 @@ def class_folders(root: str, dirname: str, class_names: list[str], *, images_per
 
 
 def cub_folders(root: str, dirname: str = "cub200", num_classes: int = 200, **kw) -> Counts:
-  """CUB class folders 'NNN.Bird_Name' (1-based, zero padded)."""
-  return class_folders(root, dirname, [f"{c + 1:03d}.Bird_{c + 1}" for c in range(num_classes)], **kw)
+  """CUB class folders 'NNN.Bird_Name' (1-based, zero padded); fewer than 200: ids 1.. and 101.. (a subset)."""
+  ids = split_class_ids(num_classes, 200, 100)
+  write_subset_file(os.path.join(root, dirname), ids, 200)
+  return class_folders(root, dirname, [f"{c:03d}.Bird_{c}" for c in ids], **kw)
 
 
 def cars_class_names(num_classes: int = 196) -> list[str]:
-  """Class names whose Python string order is the class order (as the real make/model names are)."""
-  return [f"Make{c // 10:02d} Model {chr(65 + c % 10)} {2000 + c % 13}" for c in range(num_classes)]
+  """Folder names of `num_classes` Cars196 classes (the real class names), ids 1.. and 99.. for a subset."""
+  from dml_jax.data.readers import cars_classes
+
+  return [cars_classes.folder_name(c) for c in split_class_ids(num_classes, 196, 98)]
 
 
 def cars_folders(root: str, dirname: str = "cars196", num_classes: int = 196, **kw) -> Counts:
+  write_subset_file(os.path.join(root, dirname), split_class_ids(num_classes, 196, 98), 196)
   return class_folders(root, dirname, cars_class_names(num_classes), **kw)
 
 
@@ -75,7 +104,9 @@ def cars_annos(root: str, dirname: str = "cars196", num_classes: int = 196, size
   import scipy.io
 
   folder = os.path.join(root, dirname)
-  classes = [c for c in range(1, num_classes + 1) for _ in range(_per_class(c))]
+  ids = split_class_ids(num_classes, 196, 98)
+  write_subset_file(folder, ids, 196)
+  classes = [c for c in ids for _ in range(_per_class(c))]
   order = np.random.default_rng(0).permutation(len(classes))  # the file interleaves classes
   classes = [classes[i] for i in order]
   dtype = [("relative_im_path", "O"), ("bbox_x1", "O"), ("bbox_y1", "O"), ("bbox_x2", "O"), ("bbox_y2", "O"),
@@ -90,7 +121,7 @@ def cars_annos(root: str, dirname: str = "cars196", num_classes: int = 196, size
                    {"annotations": annos, "class_names": np.array([[f"class {c}" for c in range(num_classes)]],
                                                                    dtype=object)})
   half = num_classes // 2
-  return {"train": (sum(c <= half for c in classes), half), "eval": (sum(c > half for c in classes), half)}
+  return {"train": (sum(c <= 98 for c in classes), half), "eval": (sum(c > 98 for c in classes), num_classes - half)}
 
 
 def sop(root: str, dirname: str = "sop", *, info_files: bool = True, num_train_classes: int = 7,
@@ -252,3 +283,81 @@ def tfds_dataset(data_dir: str, builder_name: str, splits: dict[str, list[dict]]
   builder.info.set_file_format("array_record")
   builder.info.write_to_directory(builder.data_dir)
   return str(builder.data_dir)
+
+
+_SHAPES = ("disc", "square", "triangle", "ring", "bars", "cross", "diamond", "dots")
+
+
+def picture(class_index: int, seed: int, size: tuple[int, int] = (64, 48)) -> Image.Image:
+  """A small RGB picture whose class shows: a shape and hue per class, placed and tinted at random per image.
+
+  Class c draws shape `_SHAPES[c % 8]` in a hue spread over the colour wheel by c (golden-ratio steps), on a
+  noisy background of the complementary hue; position, scale, rotation and brightness vary with `seed`.
+  Classes therefore differ in colour and form as photos of different things do, while images of one class
+  are not copies of each other.
+  """
+  import colorsys
+
+  from PIL import ImageDraw, ImageFilter
+
+  rng = np.random.default_rng([class_index, seed])
+  w, h = size
+  hue = (class_index * 0.618034) % 1.0
+  fg = np.array(colorsys.hsv_to_rgb(hue, 0.75, rng.uniform(0.75, 1.0))) * 255
+  bg = np.array(colorsys.hsv_to_rgb((hue + 0.5) % 1.0, 0.25, rng.uniform(0.3, 0.55))) * 255
+  yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+  shade = (xx / w - 0.5) * rng.uniform(-40, 40) + (yy / h - 0.5) * rng.uniform(-40, 40)
+  pixels = bg + shade[..., None] + rng.normal(0, 10, (h, w, 3))
+  img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+  draw = ImageDraw.Draw(img)
+  r = min(w, h) * rng.uniform(0.25, 0.4)
+  cx, cy = w * rng.uniform(0.35, 0.65), h * rng.uniform(0.35, 0.65)
+  color = tuple(int(v) for v in fg)
+  shape = _SHAPES[class_index % len(_SHAPES)]
+  angle = rng.uniform(0, 2 * np.pi)
+  if shape == "disc":
+    draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=color)
+  elif shape == "ring":
+    draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=color, width=max(2, int(r / 3)))
+  elif shape in ("square", "triangle"):
+    corners = 4 if shape == "square" else 3
+    draw.polygon([(cx + r * np.cos(angle + 2 * np.pi * k / corners), cy + r * np.sin(angle + 2 * np.pi * k / corners))
+                  for k in range(corners)], fill=color)
+  elif shape == "diamond":  # a tall rhombus, tilted a little: unlike the square, its axes stay put
+    tilt = rng.uniform(-0.3, 0.3)
+    c, s = np.cos(tilt), np.sin(tilt)
+    draw.polygon([(cx + r * (sx * c - sy * s), cy + r * (sx * s + sy * c))
+                  for sx, sy in ((0.6, 0), (0, 1.2), (-0.6, 0), (0, -1.2))], fill=color)
+  elif shape == "bars":
+    step = max(4, int(r / 2))
+    for x in range(int(cx - 2 * r), int(cx + 2 * r), 2 * step):
+      draw.rectangle((x, cy - r, x + step - 1, cy + r), fill=color)
+  elif shape == "cross":
+    t = max(2, int(r / 3))
+    draw.rectangle((cx - r, cy - t, cx + r, cy + t), fill=color)
+    draw.rectangle((cx - t, cy - r, cx + t, cy + r), fill=color)
+  else:  # dots
+    for _ in range(6):
+      dx, dy, s = rng.uniform(-r, r), rng.uniform(-r, r), r / 4
+      draw.ellipse((cx + dx - s, cy + dy - s, cx + dx + s, cy + dy + s), fill=color)
+  return img.filter(ImageFilter.GaussianBlur(0.6))
+
+
+def picture_folder(root: str, class_names: list[str], images_per_class: int | Callable[[int], int] = 6, *,
+                   size: tuple[int, int] = (64, 48), ext: str = ".jpg", seed: int = 0) -> dict[str, list[str]]:
+  """Writes `<root>/<class>/<class>_<i><ext>` pictures (see `picture`); returns {class: [paths]} in class order.
+
+  The layout of the `folder` dataset and of `python -m dml_jax.retrieve build --images`.
+  """
+  out = {}
+  for c, name in enumerate(class_names):
+    n = images_per_class(c) if callable(images_per_class) else images_per_class
+    paths = []
+    for i in range(n):
+      path = os.path.join(root, name, f"{name}_{i:03d}{ext}")
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      img = picture(c, seed * 100_003 + i, size)
+      img.save(path, **({"quality": 92} if ext in (".jpg", ".jpeg") else {}))
+      paths.append(path)
+    out[name] = paths
+  return out

@@ -1,4 +1,9 @@
-"""Embedding extraction over all devices, with a progress bar showing images/s."""
+"""Embedding extraction over all devices of all processes, with a progress bar showing images/s.
+
+With several processes (jax.distributed), every process feeds its rows of each global batch (the loader
+splits batches by process) and receives the embeddings, labels and indices of the WHOLE batch, in global
+order: metrics are then computed identically on every process.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from typing import Callable, Iterable
 import jax
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 _BATCH_KEYS = ("image", "label", "index", "valid")
@@ -36,16 +42,17 @@ def embed_dataset(embed_fn: Callable[[jax.Array], jax.Array], loader: Iterable[d
     loader: yields {'image': float32 [B,S,S,3], 'label': int [B], 'index': int [B], 'valid': bool [B]}
       with a fixed B; the last batch is padded and its padding rows have valid=False.
     mesh: a mesh with a 'data' axis (axis type Auto). Batches are split over it when B is divisible
-      by its size; otherwise (and without a mesh) they go to the default device.
+      by its size; otherwise (and without a mesh) they go to the default device. Required with several
+      processes (each process's loader yields its rows of every global batch).
     desc: progress-bar label.
-    progress: show the progress bar.
+    progress: show the progress bar (the trainer passes its `log.progress`).
 
   Returns:
     (embeddings float32 [N, D], labels int64 [N], indices int64 [N]) of the valid rows, loader order.
   """
-  if jax.process_count() > 1:
-    raise NotImplementedError("embed_dataset runs in a single process; with several hosts, embed each "
-                              "host's shard and gather the arrays before evaluation")
+  multi_process = jax.process_count() > 1
+  if multi_process and mesh is None:
+    raise ValueError("embed_dataset with several processes needs the global mesh (mesh=...)")
   sharding = None
   if mesh is not None:
     if "data" not in mesh.axis_names:
@@ -63,7 +70,12 @@ def embed_dataset(embed_fn: Callable[[jax.Array], jax.Array], loader: Iterable[d
 
   def collect(entry):
     device_embeddings, valid, batch_labels, batch_indices = entry
-    host = np.asarray(device_embeddings)
+    if multi_process:  # the whole global batch on every process, in process (= global row) order
+      host = np.asarray(multihost_utils.process_allgather(device_embeddings, tiled=True))
+      valid, batch_labels, batch_indices = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                                            for x in (valid, batch_labels, batch_indices))
+    else:
+      host = np.asarray(device_embeddings)
     if host.ndim != 2 or host.shape[0] != valid.shape[0]:
       raise ValueError(f"embed_fn must return [B, D] = [{valid.shape[0]}, D] embeddings, got shape {host.shape}")
     embeddings.append(host[valid].astype(np.float32))
@@ -74,7 +86,9 @@ def embed_dataset(embed_fn: Callable[[jax.Array], jax.Array], loader: Iterable[d
     for number, batch in enumerate(loader):
       size = _check_batch(batch, number)
       images = batch["image"]
-      if sharding is not None and size % num_shards == 0:
+      if multi_process:
+        images = jax.make_array_from_process_local_data(sharding, np.asarray(images))
+      elif sharding is not None and size % num_shards == 0:
         images = jax.device_put(images, sharding)
       else:
         images = jax.device_put(images)
@@ -85,7 +99,7 @@ def embed_dataset(embed_fn: Callable[[jax.Array], jax.Array], loader: Iterable[d
       if pending is not None:
         collect(pending)
       pending = entry
-      num_images += int(entry[1].sum())
+      num_images += int(entry[1].sum()) * jax.process_count()
       bar.update(1)
       bar.set_postfix(images_per_s=f"{num_images / max(time.perf_counter() - start, 1e-9):.1f}")
     if pending is not None:

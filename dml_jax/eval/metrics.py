@@ -21,15 +21,24 @@ rel_i = 1[label of the i-th neighbour == y]; R = number of gallery items labelle
   marp          D&C "mARP": sum_{i<=W} P(i) rel_i / (number of hits in the top W), 0 without hits,
                 W = min(R, marp_max_rank); averaged over ALL queries. D&C truncates In-Shop at the
                 top 50 (marp_max_rank=50); elsewhere W = R.
+
+Queries without a positive (R = 0, "lone"): the sources above differ, so no_positive='seeds' (the
+default) keeps each metric as its source computes it: recall@K, marp and the class-size MAP@R count a
+lone query as a miss (0 in the mean over all queries); precision@1, r_precision and the Musgrave MAP@R
+leave it out. no_positive='exclude' averages every metric over the queries with a positive,
+'miss' every metric over all queries (a lone query scores 0). A lone query scores 0 in every sum, so
+the three choices only change the divisor.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Sequence
 
 import numpy as np
 
+from dml_jax.errors import InvalidValueError, unknown_name
 from dml_jax.eval import knn as knn_lib
 from dml_jax.eval.kmeans import kmeans
 from dml_jax.losses.ops import l2_normalize
@@ -38,6 +47,7 @@ RETRIEVAL_METRICS = ("recall", "precision@1", "r_precision", "map@r", "marp")
 CLUSTERING_METRICS = ("nmi", "f1")
 MAP_R_VARIANTS = ("musgrave", "class_size")
 DISTANCES = ("cosine", "euclidean")
+NO_POSITIVE = ("seeds", "exclude", "miss")
 
 
 def parse_metric_names(metrics: Sequence[str]) -> tuple[list[str], list[int], list[str]]:
@@ -53,9 +63,10 @@ def parse_metric_names(metrics: Sequence[str]) -> tuple[list[str], list[int], li
       try:
         value = int(key.split("@", 1)[1])
       except ValueError:
-        raise ValueError(f"bad metric name {name!r}: expected recall@K with an integer K") from None
+        raise InvalidValueError(f"bad metric name {name!r}: expected recall@K with an integer K",
+                                "e.g. recall@1") from None
       if value < 1:
-        raise ValueError(f"bad metric name {name!r}: K must be >= 1")
+        raise InvalidValueError(f"bad metric name {name!r}: K must be >= 1", "e.g. recall@1")
       recall_ks.append(value)
       if "recall" not in retrieval:
         retrieval.append("recall")
@@ -66,8 +77,40 @@ def parse_metric_names(metrics: Sequence[str]) -> tuple[list[str], list[int], li
       if key not in clustering:
         clustering.append(key)
     else:
-      raise ValueError(f"unknown metric {name!r}; known: {', '.join(known)}")
+      # 'recal@1' should suggest 'recall@1', not the template 'recall@K'.
+      suffix = key.rsplit("@", 1)[-1] if "@" in key else ""
+      candidates = [f"recall@{suffix}" if k == "recall@K" and suffix.isdigit() else k for k in known]
+      raise unknown_name("metric", name, candidates, cls=InvalidValueError)
   return retrieval, recall_ks, clustering
+
+
+def no_positive_treatment(name: str, *, map_r_variant: str = "musgrave", no_positive: str = "seeds") -> str:
+  """'miss' or 'exclude': how metric `name` treats queries without a positive (module docstring)."""
+  if no_positive not in NO_POSITIVE:
+    raise InvalidValueError(f"no_positive must be one of {NO_POSITIVE}, got {no_positive!r}")
+  if no_positive != "seeds":
+    return no_positive
+  key = name.strip().lower()
+  if key.startswith("recall") or key == "marp" or (key == "map@r" and map_r_variant == "class_size"):
+    return "miss"
+  return "exclude"
+
+
+def count_without_positive(labels: np.ndarray, *, query_mask: np.ndarray | None = None,
+                           gallery_mask: np.ndarray | None = None) -> tuple[int, int]:
+  """(number of queries, number of queries without a positive) under retrieval_metrics' query/gallery rules."""
+  labels = np.asarray(labels)
+  num_rows = labels.shape[0]
+  if query_mask is None and gallery_mask is None:
+    query_mask = gallery_mask = np.ones(num_rows, bool)
+  elif query_mask is None:
+    query_mask = np.ones(num_rows, bool)
+  query_mask = np.asarray(query_mask, bool)
+  gallery_mask = ~query_mask if gallery_mask is None else np.asarray(gallery_mask, bool)
+  query_rows = np.flatnonzero(query_mask)
+  in_gallery = gallery_mask[query_rows].astype(np.int64)
+  relevant_count = _same_label_counts(labels[query_rows], labels[gallery_mask]) - in_gallery
+  return len(query_rows), int(np.sum(relevant_count <= 0))
 
 
 def _check_embeddings_and_labels(embeddings, labels) -> tuple[np.ndarray, np.ndarray]:
@@ -115,12 +158,129 @@ def _window_sums(relevant: np.ndarray, window: np.ndarray) -> tuple[np.ndarray, 
   return in_window.sum(axis=1).astype(np.float64), precision_sum
 
 
+@dataclasses.dataclass(frozen=True)
+class QuerySet:
+  """Who queries whom, and what each query counts as relevant (all per query, int64 / bool [Q])."""
+
+  query_rows: np.ndarray      # rows of the queries in the embedding matrix
+  gallery_rows: np.ndarray    # rows of the gallery
+  exclude: np.ndarray         # the query's own gallery position, -1 when it is not in the gallery
+  query_labels: np.ndarray
+  gallery_labels: np.ndarray
+  relevant_count: np.ndarray  # R: gallery items of the query's class, the query itself excluded
+  class_size: np.ndarray      # R + 1 in leave-one-out, R for a query outside the gallery
+
+  @property
+  def not_lone(self) -> np.ndarray:
+    return self.relevant_count > 0
+
+
+def query_set(labels: np.ndarray, query_mask: np.ndarray | None, gallery_mask: np.ndarray | None) -> QuerySet:
+  """Queries and gallery from the masks (defaults: every row both; with only query_mask, the gallery is the
+  rest, as In-Shop's query vs gallery)."""
+  num_rows = labels.shape[0]
+  if query_mask is None and gallery_mask is None:
+    query_mask = gallery_mask = np.ones(num_rows, bool)
+  elif query_mask is None:
+    query_mask = np.ones(num_rows, bool)
+  query_mask = _check_mask(query_mask, num_rows, "query_mask")
+  gallery_mask = _check_mask(~query_mask if gallery_mask is None else gallery_mask, num_rows, "gallery_mask")
+  query_rows, gallery_rows = np.flatnonzero(query_mask), np.flatnonzero(gallery_mask)
+  gallery_position = np.full(num_rows, -1, np.int64)
+  gallery_position[gallery_rows] = np.arange(len(gallery_rows))
+  exclude = gallery_position[query_rows]
+  query_labels, gallery_labels = labels[query_rows], labels[gallery_rows]
+  in_gallery = (exclude >= 0).astype(np.int64)
+  relevant_count = _same_label_counts(query_labels, gallery_labels) - in_gallery
+  return QuerySet(query_rows, gallery_rows, exclude, query_labels, gallery_labels, relevant_count,
+                  relevant_count + in_gallery)
+
+
+# Per-metric sums over one chunk of ranked neighbour lists. relevant: bool [q, k], whether the i-th neighbour of
+# each query of the chunk shares its label; rows: the chunk's slice of the query set. Lone queries add 0, so
+# each metric's divisor alone decides how they count (`no_positive_treatment`).
+
+def recall_hits(relevant: np.ndarray, recall_ks: Sequence[int]) -> np.ndarray:
+  """int64 [len(recall_ks)]: queries with a hit within the first K, for each K."""
+  # 0-based rank of the first hit; "never" beats every K, even a K beyond the list length.
+  first_hit = np.where(relevant.any(axis=1), relevant.argmax(axis=1), np.iinfo(np.int64).max)
+  return np.sum(first_hit[:, None] < np.asarray(recall_ks)[None, :], axis=0)
+
+
+def precision_at_1_sum(relevant: np.ndarray, not_lone: np.ndarray) -> float:
+  return float(np.sum(relevant[:, 0] & not_lone))
+
+
+def r_precision_sum(relevant: np.ndarray, r: np.ndarray) -> float:
+  """sum over queries of (hits in the first R) / R (0 for R = 0)."""
+  hits, _ = _window_sums(relevant, r)
+  return float(np.sum(np.where(r > 0, hits / np.maximum(r, 1), 0.0)))
+
+
+def map_at_r_sum(relevant: np.ndarray, r: np.ndarray, class_size: np.ndarray, variant: str) -> float:
+  """sum over queries of MAP@R: Musgrave's (window and divisor R) or the class-size form (window and divisor
+  the class size including the query; see the module docstring)."""
+  if variant == "musgrave":
+    _, precision_sum = _window_sums(relevant, r)
+    return float(np.sum(np.where(r > 0, precision_sum / np.maximum(r, 1), 0.0)))
+  _, precision_sum = _window_sums(relevant, class_size)
+  return float(np.sum(np.where(class_size > 0, precision_sum / np.maximum(class_size, 1), 0.0)))
+
+
+def marp_sum(relevant: np.ndarray, window: np.ndarray) -> float:
+  """sum over queries of D&C's mARP: precision sum in the first W over the hits there (0 without hits)."""
+  hits, precision_sum = _window_sums(relevant, window)
+  return float(np.sum(np.where(hits > 0, precision_sum / np.maximum(hits, 1.0), 0.0)))
+
+
+def _check_retrieval_options(metrics, recall_ks, map_r_variant, distance, marp_max_rank, no_positive):
+  """(metric names, sorted recall Ks) after checking every option."""
+  names, named_ks, clustering = parse_metric_names(metrics)
+  if clustering:
+    raise ValueError(f"{clustering} are clustering metrics: use clustering_metrics()")
+  if map_r_variant not in MAP_R_VARIANTS:
+    raise ValueError(f"map_r_variant must be one of {MAP_R_VARIANTS}, got {map_r_variant!r}")
+  if distance not in DISTANCES:
+    raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+  if marp_max_rank is not None and marp_max_rank < 1:
+    raise ValueError("marp_max_rank must be >= 1 or None")
+  if no_positive not in NO_POSITIVE:
+    raise InvalidValueError(f"no_positive must be one of {NO_POSITIVE}, got {no_positive!r}")
+  # A bare 'recall' takes recall_ks; 'recall@K' names add their own K only.
+  bare_recall = any(name.strip().lower() == "recall" for name in metrics)
+  recall_ks = sorted(set(named_ks) | (set(int(k) for k in recall_ks) if bare_recall else set()))
+  if "recall" in names and not recall_ks:
+    raise ValueError("'recall' needs at least one K (recall_ks or 'recall@K')")
+  if any(k < 1 for k in recall_ks):
+    raise ValueError(f"recall Ks must be >= 1, got {recall_ks}")
+  return names, recall_ks
+
+
+def _search_depth(names: Sequence[str], recall_ks: Sequence[int], qs: QuerySet, map_r_variant: str,
+                  marp_window: np.ndarray) -> int:
+  """k of the kNN search: the largest K or relevant-set window any requested metric reads, within the gallery."""
+  needed = [1]
+  if "recall" in names:
+    needed.append(max(recall_ks))
+  if {"r_precision", "map@r"} & set(names):
+    needed.append(int(qs.relevant_count.max()))
+    if "map@r" in names and map_r_variant == "class_size":
+      needed.append(int(qs.class_size.max()))
+  if "marp" in names:
+    needed.append(int(marp_window.max()))
+  available = len(qs.gallery_rows) - int((qs.exclude >= 0).any())
+  if available < 1:
+    raise ValueError("the gallery has no item to retrieve besides the query itself")
+  return min(max(needed), available)
+
+
 def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, *, query_mask: np.ndarray | None = None,
                       gallery_mask: np.ndarray | None = None,
                       metrics: Sequence[str] = ("recall", "r_precision", "map@r"),
                       recall_ks: Sequence[int] = (1, 2, 4, 8), map_r_variant: str = "musgrave",
                       marp_max_rank: int | None = None, distance: str = "cosine", backend: str = "auto",
-                      chunk_size: int = 1024, gallery_chunk_size: int = 32768) -> dict[str, float]:
+                      chunk_size: int = 1024, gallery_chunk_size: int = 32768,
+                      no_positive: str = "seeds") -> dict[str, float]:
   """Retrieval metrics of labelled embeddings (definitions in the module docstring).
 
   Args:
@@ -137,112 +297,58 @@ def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, *, query_mask:
       (raw embeddings, L2).
     backend: kNN backend, 'auto' | 'jax' | 'faiss'.
     chunk_size, gallery_chunk_size: kNN chunking (memory bound).
+    no_positive: 'seeds' | 'exclude' | 'miss': how queries without a positive count (module docstring).
 
   Returns:
     {'recall@K': ..., 'precision@1': ..., 'r_precision': ..., 'map@r': ..., 'marp': ...} for the
     requested metrics, as Python floats (NaN where no query qualifies).
   """
   embeddings, labels = _check_embeddings_and_labels(embeddings, labels)
-  names, named_ks, clustering = parse_metric_names(metrics)
-  if clustering:
-    raise ValueError(f"{clustering} are clustering metrics: use clustering_metrics()")
-  if map_r_variant not in MAP_R_VARIANTS:
-    raise ValueError(f"map_r_variant must be one of {MAP_R_VARIANTS}, got {map_r_variant!r}")
-  if distance not in DISTANCES:
-    raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
-  if marp_max_rank is not None and marp_max_rank < 1:
-    raise ValueError("marp_max_rank must be >= 1 or None")
-  # A bare 'recall' takes recall_ks; 'recall@K' names add their own K only.
-  bare_recall = any(name.strip().lower() == "recall" for name in metrics)
-  recall_ks = sorted(set(named_ks) | (set(int(k) for k in recall_ks) if bare_recall else set()))
-  if "recall" in names and not recall_ks:
-    raise ValueError("'recall' needs at least one K (recall_ks or 'recall@K')")
-  if any(k < 1 for k in recall_ks):
-    raise ValueError(f"recall Ks must be >= 1, got {recall_ks}")
+  names, recall_ks = _check_retrieval_options(metrics, recall_ks, map_r_variant, distance, marp_max_rank,
+                                              no_positive)
   if not names:
     return {}
-
-  num_rows = embeddings.shape[0]
-  if query_mask is None and gallery_mask is None:
-    query_mask = gallery_mask = np.ones(num_rows, bool)
-  elif query_mask is None:
-    query_mask = np.ones(num_rows, bool)
-  query_mask = _check_mask(query_mask, num_rows, "query_mask")
-  gallery_mask = _check_mask(~query_mask if gallery_mask is None else gallery_mask, num_rows, "gallery_mask")
-  query_rows, gallery_rows = np.flatnonzero(query_mask), np.flatnonzero(gallery_mask)
-  gallery_position = np.full(num_rows, -1, np.int64)
-  gallery_position[gallery_rows] = np.arange(len(gallery_rows))
-  exclude = gallery_position[query_rows]  # the query's own gallery slot, or -1
-  query_labels, gallery_labels = labels[query_rows], labels[gallery_rows]
-
-  in_gallery = (exclude >= 0).astype(np.int64)
-  relevant_count = _same_label_counts(query_labels, gallery_labels) - in_gallery  # R
-  not_lone = relevant_count > 0
-  class_size = relevant_count + in_gallery
-  marp_window = relevant_count if marp_max_rank is None else np.minimum(relevant_count, marp_max_rank)
-
-  needed = [1]
-  if "recall" in names:
-    needed.append(max(recall_ks))
-  if {"r_precision", "map@r"} & set(names):
-    needed.append(int(relevant_count.max()))
-    if "map@r" in names and map_r_variant == "class_size":
-      needed.append(int(class_size.max()))
-  if "marp" in names:
-    needed.append(int(marp_window.max()))
-  available = len(gallery_rows) - int(in_gallery.any())
-  if available < 1:
-    raise ValueError("the gallery has no item to retrieve besides the query itself")
-  k = min(max(needed), available)
+  qs = query_set(labels, query_mask, gallery_mask)
+  not_lone = qs.not_lone
+  marp_window = qs.relevant_count if marp_max_rank is None else np.minimum(qs.relevant_count, marp_max_rank)
+  k = _search_depth(names, recall_ks, qs, map_r_variant, marp_window)
 
   totals = {name: 0.0 for name in ("precision@1", "r_precision", "map@r", "marp")}
-  recall_hits = np.zeros(len(recall_ks), np.int64)
-  metric = "cosine" if distance == "cosine" else "euclidean"
+  hits = np.zeros(len(recall_ks), np.int64)
+  num_rows = embeddings.shape[0]
   # Whole-set selections use the array itself (no copies of a 60k x 512 matrix).
-  queries = embeddings if len(query_rows) == num_rows else embeddings[query_rows]
-  gallery = embeddings if len(gallery_rows) == num_rows else embeddings[gallery_rows]
+  queries = embeddings if len(qs.query_rows) == num_rows else embeddings[qs.query_rows]
+  gallery = embeddings if len(qs.gallery_rows) == num_rows else embeddings[qs.gallery_rows]
   for start, _, indices in knn_lib.knn_chunks(
-      queries, gallery, k, backend=backend, metric=metric,
-      exclude_indices=exclude, chunk_size=chunk_size, gallery_chunk_size=gallery_chunk_size):
+      queries, gallery, k, backend=backend, metric="cosine" if distance == "cosine" else "euclidean",
+      exclude_indices=qs.exclude, chunk_size=chunk_size, gallery_chunk_size=gallery_chunk_size):
     rows = slice(start, start + indices.shape[0])
-    relevant = gallery_labels[indices] == query_labels[rows, None]
+    relevant = qs.gallery_labels[indices] == qs.query_labels[rows, None]
     if "recall" in names:
-      # 0-based rank of the first hit; "never" beats every K, even a K beyond the list length.
-      first_hit = np.where(relevant.any(axis=1), relevant.argmax(axis=1), np.iinfo(np.int64).max)
-      recall_hits += np.sum(first_hit[:, None] < np.asarray(recall_ks)[None, :], axis=0)
+      hits += recall_hits(relevant, recall_ks)
     if "precision@1" in names:
-      totals["precision@1"] += float(np.sum(relevant[:, 0] & not_lone[rows]))
-    if {"r_precision", "map@r"} & set(names):
-      r = relevant_count[rows]
-      hits, precision_sum = _window_sums(relevant, r)
-      safe_r = np.maximum(r, 1)
-      totals["r_precision"] += float(np.sum(np.where(not_lone[rows], hits / safe_r, 0.0)))
-      if map_r_variant == "musgrave":
-        totals["map@r"] += float(np.sum(np.where(not_lone[rows], precision_sum / safe_r, 0.0)))
-      else:
-        n = class_size[rows]
-        _, class_precision_sum = _window_sums(relevant, n)
-        totals["map@r"] += float(np.sum(np.where(n > 0, class_precision_sum / np.maximum(n, 1), 0.0)))
+      totals["precision@1"] += precision_at_1_sum(relevant, not_lone[rows])
+    if "r_precision" in names:
+      totals["r_precision"] += r_precision_sum(relevant, qs.relevant_count[rows])
+    if "map@r" in names:
+      totals["map@r"] += map_at_r_sum(relevant, qs.relevant_count[rows], qs.class_size[rows], map_r_variant)
     if "marp" in names:
-      hits, precision_sum = _window_sums(relevant, marp_window[rows])
-      totals["marp"] += float(np.sum(np.where(hits > 0, precision_sum / np.maximum(hits, 1.0), 0.0)))
+      totals["marp"] += marp_sum(relevant, marp_window[rows])
 
-  num_queries, num_not_lone = len(query_rows), int(not_lone.sum())
+  num_queries, num_not_lone = len(qs.query_rows), int(not_lone.sum())
 
-  def mean_over_not_lone(total: float) -> float:
+  def mean(name: str, total: float) -> float:
+    # Lone queries add 0 to every total, so the treatment only picks the divisor.
+    if no_positive_treatment(name, map_r_variant=map_r_variant, no_positive=no_positive) == "miss":
+      return total / num_queries
     return total / num_not_lone if num_not_lone else math.nan
 
   results: dict[str, float] = {}
   for name in names:
     if name == "recall":
-      results.update({f"recall@{kk}": float(h) / num_queries for kk, h in zip(recall_ks, recall_hits)})
-    elif name in ("precision@1", "r_precision"):
-      results[name] = mean_over_not_lone(totals[name])
-    elif name == "map@r":
-      results[name] = (mean_over_not_lone(totals[name]) if map_r_variant == "musgrave"
-                       else totals[name] / num_queries)
-    elif name == "marp":
-      results[name] = totals[name] / num_queries
+      results.update({f"recall@{kk}": mean("recall", float(h)) for kk, h in zip(recall_ks, hits)})
+    else:
+      results[name] = mean(name, totals[name])
   return results
 
 

@@ -9,6 +9,7 @@
 | vehicleid    | 1, 5                     | leave-one-out within ONE test list                         |
 | inaturalist  | 1, 4, 16, 32             | leave-one-out on the test set (Brown et al. split)         |
 | digits       | 1, 2, 4, 8               | leave-one-out (the embedded sklearn-digits demo, CUB rule) |
+| folder       | 1, 2, 4, 8               | leave-one-out on the test classes of your own images       |
 
 VehicleID: its small / medium / large test lists (800 / 1,600 / 2,400 ids) are evaluated separately.
 The caller embeds the records of one list and calls `evaluate('vehicleid', ...)` once per list
@@ -30,13 +31,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from dml_jax.errors import InvalidValueError, UserError, close_matches
 from dml_jax.eval import metrics as metrics_lib
 
 ROLES = ("test", "query", "gallery")
 DEFAULT_METRICS = ("recall", "r_precision", "map@r", "nmi")
 
 _RETRIEVAL_OPTIONS = ("recall_ks", "map_r_variant", "marp_max_rank", "distance", "backend", "chunk_size",
-                      "gallery_chunk_size")
+                      "gallery_chunk_size", "no_positive")
 _CLUSTERING_OPTIONS = ("num_runs", "seed", "niter", "nredo", "max_points_per_centroid", "distance", "backend",
                        "kmeans_backend")
 
@@ -61,6 +63,7 @@ PROTOCOLS = {
     "vehicleid": Protocol("vehicleid", (1, 5)),
     "inaturalist": Protocol("inaturalist", (1, 4, 16, 32)),
     "digits": Protocol("digits", (1, 2, 4, 8)),
+    "folder": Protocol("folder", (1, 2, 4, 8)),
 }
 
 _ALIASES = {
@@ -78,9 +81,58 @@ def get_protocol(dataset: str) -> Protocol:
   key = dataset.strip().lower().replace("-", "_")
   key = _ALIASES.get(key, key)
   if key not in PROTOCOLS:
-    raise ValueError(f"no evaluation protocol for dataset {dataset!r}; known: {sorted(PROTOCOLS)} "
-                     f"(aliases: {sorted(_ALIASES)})")
+    close = close_matches(key, list(PROTOCOLS) + list(_ALIASES))
+    guess = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    raise InvalidValueError(f"no evaluation protocol for dataset {dataset!r}; {guess}known: {sorted(PROTOCOLS)} "
+                            f"(aliases: {sorted(_ALIASES)})")
   return PROTOCOLS[key]
+
+
+def result_names(dataset: str, metrics: Sequence[str] | None = None, **options: Any) -> list[str]:
+  """The keys `evaluate(dataset, ..., metrics=metrics, **options)` returns, without evaluating anything.
+
+  Checks the metric names and options the way evaluate() does, so a typo stops a run before training.
+  """
+  protocol = get_protocol(dataset)
+  _check_options(options)
+  names = list(DEFAULT_METRICS if metrics is None else metrics)
+  retrieval, named_ks, clustering = metrics_lib.parse_metric_names(names)
+  bare_recall = any(n.strip().lower() == "recall" for n in names)
+  ks = sorted(set(named_ks) | (set(int(k) for k in options.get("recall_ks", protocol.recall_ks))
+                               if bare_recall else set()))
+  out = []
+  for name in retrieval:
+    out.extend(f"recall@{k}" for k in ks) if name == "recall" else out.append(name)
+  return out + list(clustering)
+
+
+def check_metrics(dataset: str, metrics: Sequence[str] | None = None, select_metric: str | None = None,
+                  **options: Any) -> list[str]:
+  """result_names(), and that `select_metric` is one of them; UserErrors name the config key to fix."""
+  try:
+    _check_options(options)
+  except UserError as error:
+    raise type(error)(f"eval.options: {error.message}", "fix --config.eval.options") from None
+  try:
+    names = result_names(dataset, metrics, **options)
+  except UserError as error:
+    raise type(error)(f"eval.metrics: {error.message}", error.hint or "fix --config.eval.metrics") from None
+  if select_metric is not None and select_metric not in names:
+    close = close_matches(select_metric, names)
+    guess = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise InvalidValueError(f"eval.select_metric {select_metric!r} is not among the evaluated metrics "
+                            f"({', '.join(names)}){guess}",
+                            "set --config.eval.select_metric to one of them, or add it to --config.eval.metrics")
+  return names
+
+
+def _check_options(options: dict[str, Any]) -> None:
+  unknown = sorted(set(options) - set(_RETRIEVAL_OPTIONS) - set(_CLUSTERING_OPTIONS))
+  if unknown:
+    known = sorted(set(_RETRIEVAL_OPTIONS) | set(_CLUSTERING_OPTIONS))
+    close = close_matches(unknown[0], known)
+    guess = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    raise InvalidValueError(f"unknown evaluation options {unknown}; {guess}known: {', '.join(known)}")
 
 
 def evaluate(dataset: str, embeddings: np.ndarray, labels: np.ndarray, roles: np.ndarray, *,
@@ -95,18 +147,15 @@ def evaluate(dataset: str, embeddings: np.ndarray, labels: np.ndarray, roles: np
     metrics: names ('recall' = the protocol's K values, 'recall@K', 'precision@1', 'r_precision',
       'map@r', 'marp', 'nmi', 'f1'); default recall, r_precision, map@r, nmi.
     **options: recall_ks (replaces the protocol's), map_r_variant, marp_max_rank, distance, backend
-      (kNN and k-means), kmeans_backend (k-means only), chunk_size, gallery_chunk_size, num_runs,
-      seed, niter, nredo, max_points_per_centroid (see metrics.retrieval_metrics /
+      (kNN and k-means), kmeans_backend (k-means only), chunk_size, gallery_chunk_size, no_positive,
+      num_runs, seed, niter, nredo, max_points_per_centroid (see metrics.retrieval_metrics /
       metrics.clustering_metrics).
 
   Returns:
     {'recall@K': ..., 'r_precision': ..., 'map@r': ..., 'nmi': ..., ...}.
   """
   protocol = get_protocol(dataset)
-  unknown = sorted(set(options) - set(_RETRIEVAL_OPTIONS) - set(_CLUSTERING_OPTIONS))
-  if unknown:
-    raise ValueError(f"unknown evaluation options {unknown}; known: "
-                     f"{sorted(set(_RETRIEVAL_OPTIONS) | set(_CLUSTERING_OPTIONS))}")
+  _check_options(options)
   embeddings = np.asarray(embeddings)
   roles = np.asarray(roles).astype(str)
   if roles.shape != (embeddings.shape[0],):

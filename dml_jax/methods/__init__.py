@@ -7,17 +7,19 @@ num_classes) -> Method`, and is listed in `METHODS` below. The trainer builds th
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from types import ModuleType
 from typing import Any
 
+from dml_jax.errors import unknown_name
 from dml_jax.methods.base import HostBatch, HostState, Method, Phase, StepInfo
 
 # Registry name -> module. Modules are imported on first use, so `import dml_jax.methods` stays light.
 METHODS: dict[str, str] = {
     "dada": "dml_jax.methods.dada",
+    "divide_and_conquer": "dml_jax.methods.divide_and_conquer",
     "metric_loss": "dml_jax.methods.metric_loss",
+    "proxy_isa": "dml_jax.methods.proxy_isa",
     "vptsp": "dml_jax.methods.vptsp",
 }
 
@@ -28,9 +30,8 @@ def list_methods() -> list[str]:
 
 def _module(name: Any) -> ModuleType:
   if name not in METHODS:
-    close = difflib.get_close_matches(str(name), list(METHODS), n=3)
-    raise KeyError(f"unknown method {name!r} (config.method.name); "
-                   + (f"did you mean {close}? " if close else "") + f"known: {list_methods()}")
+    raise unknown_name("method", str(name), METHODS, hint="set --config.method.name (and start the method section "
+                       "from dml_jax.methods.method_config(NAME))")
   return importlib.import_module(METHODS[name])
 
 

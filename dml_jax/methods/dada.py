@@ -69,6 +69,7 @@ import ml_collections
 import optax
 from flax import nnx
 
+from dml_jax.errors import InvalidValueError, unknown_name
 from dml_jax.losses.ops import l2_normalize, masked_logsumexp
 from dml_jax.methods import modeling
 from dml_jax.methods.base import Method, Phase, StepInfo
@@ -425,17 +426,19 @@ def _discriminators_init(key: jax.Array, embedding_dim: int, num_classes: int, o
 
 def _check_options(o: dict, num_classes: int) -> None:
   if o["dis_mode"] not in DISCREPANCIES:
-    raise ValueError(f"config.method.dis_mode must be one of {DISCREPANCIES}, got {o['dis_mode']!r}")
+    raise unknown_name("discrepancy (config.method.dis_mode)", o["dis_mode"], DISCREPANCIES, cls=InvalidValueError)
   if not 0.0 <= o["dropout"] < 1.0:
-    raise ValueError(f"config.method.dropout must lie in [0, 1), got {o['dropout']}")
-  if not (-1.0 < o["shift_scale"] <= 1.0):
-    raise ValueError(f"config.method.shift_scale must lie in (-1, 1] (the code asserts it), got {o['shift_scale']}")
-  if o["shift_scale"] <= 0:
-    raise ValueError("config.method.shift_scale <= 0 (the code's shift towards the proxies) is not supported")
+    raise InvalidValueError(f"config.method.dropout must lie in [0, 1), got {o['dropout']}")
+  if not 0.0 < o["shift_scale"] <= 1.0:
+    # The code also accepts (-1, 0], a shift towards the proxies, which no released config uses.
+    raise InvalidValueError(f"config.method.shift_scale must lie in (0, 1], got {o['shift_scale']}")
+  for key in ("mix_alpha", "mix_beta"):
+    if not o[key] > 0:
+      raise InvalidValueError(f"config.method.{key} must be > 0 (a Beta parameter), got {o[key]}")
   if o["d_step"] < 1 or o["g_step"] < 1:
-    raise ValueError(f"config.method.d_step and g_step must be >= 1, got {o['d_step']} and {o['g_step']}")
+    raise InvalidValueError(f"config.method.d_step and g_step must be >= 1, got {o['d_step']} and {o['g_step']}")
   if num_classes < 2:
-    raise ValueError(f"dada needs at least 2 training classes, got {num_classes}")
+    raise InvalidValueError(f"dada needs at least 2 training classes, got {num_classes}")
 
 
 class DADAMethod(Method):
@@ -457,8 +460,10 @@ class DADAMethod(Method):
       spec = spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)
       names.add(spec.get("name", f"group{i}"))  # optim's default name of an unnamed rule
     if self.discriminator_group not in names:
-      raise ValueError(f"config.optim.groups names no group {self.discriminator_group!r} "
-                       f"(config.method.discriminator_group): the discriminators need their own optimizer")
+      raise InvalidValueError(f"config.optim.groups names no group {self.discriminator_group!r} "
+                              f"(config.method.discriminator_group)",
+                              "add a rule ('discriminators/.*', dict(name='discriminators', lr=...)): the "
+                              "discriminators need their own optimizer")
     self.generator_groups = tuple(sorted(names - {self.discriminator_group}))
     self.model: modeling.SplitModel | None = None
     self._batchnorm: set[str] = set()
@@ -469,7 +474,7 @@ class DADAMethod(Method):
   def init(self, rng: jax.Array) -> tuple[dict, dict]:
     backbone_rng, head_rng, proxy_rng, disc_rng = jax.random.split(rng, 4)
     m = self.config.model
-    backbone = modeling.build_backbone(m, backbone_rng)
+    backbone = modeling.build_backbone(m, backbone_rng, self.config.dataset.image_size)
     self.pretrained_cfg = backbone.pretrained_cfg
     in_features = pooled_feature_dim(backbone, "gap_gmp_linear", int(self.config.dataset.image_size), m.backbone)
     net = DoubleEmbedding(backbone, in_features, self.embedding_dim, rngs=nnx.Rngs(head_rng))

@@ -23,7 +23,8 @@ stored in float32 but, when they are updated (bn_freeze off), computed from bflo
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,7 @@ import ml_collections
 from flax import nnx
 
 from dml_jax import losses
+from dml_jax.errors import InvalidValueError, unknown_name
 from dml_jax.losses.ops import l2_normalize
 from dml_jax.methods import modeling
 from dml_jax.methods.base import Method, StepInfo
@@ -51,6 +53,21 @@ def config() -> ml_collections.ConfigDict:
           param_options=ml_collections.ConfigDict(),  # keyword arguments of its parameter initialisers
       )),
   ))
+
+
+# Loss keyword arguments that scale logits or distances: 0 or less makes every loss degenerate.
+_POSITIVE_HPARAMS = ("alpha", "beta", "scale", "temperature")
+
+
+def _check_loss_hparams(spec: losses.LossSpec, hparams: dict) -> None:
+  """Unknown keyword arguments and non-positive scales of `config.method.loss.hparams`, before any work."""
+  accepted = [name for name, p in inspect.signature(spec.fn).parameters.items() if p.kind == p.KEYWORD_ONLY]
+  for name, value in hparams.items():
+    if name not in accepted:
+      raise unknown_name(f"{spec.name} loss argument (config.method.loss.hparams)", name, accepted)
+    if name in _POSITIVE_HPARAMS and isinstance(value, (int, float)) and not value > 0:
+      raise InvalidValueError(f"config.method.loss.hparams.{name} must be > 0, got {value!r}",
+                              f"e.g. --config.method.loss.hparams.{name}=32")
 
 
 class EmbeddingModel(nnx.Module):
@@ -90,6 +107,56 @@ def pooled_feature_dim(backbone: nnx.Module, head: str, image_size: int, backbon
   return int(out.shape[-1])
 
 
+class EmbeddingNet(NamedTuple):
+  """What `build_embedding_model` returns: the split model, its output width E, the '/'-joined paths of its
+  BatchNorm scales and biases (under 'model/'), and the preprocessing of the backbone's weights."""
+
+  model: modeling.SplitModel
+  embedding_dim: int
+  batchnorm_paths: set[str]
+  pretrained_cfg: Any
+
+
+def build_embedding_model(config: Any, *, head: str, bn_freeze: bool, backbone_rng: jax.Array,
+                          head_rng: jax.Array) -> EmbeddingNet:
+  """Backbone of `config.model` + `head` (see HEADS), split for the trainer; shared by the methods that
+  train this network with another objective (Proxy-ISA).
+
+  The head's Linear is initialised as the seeds do (kernel ~ N(0, 2 / E), bias 0). With `bn_freeze` the
+  backbone's BatchNorm runs on its running statistics in training and never updates them.
+  """
+  if head not in HEADS:
+    raise unknown_name("head (config.method.head)", head, HEADS, cls=InvalidValueError)
+  m = config.model
+  backbone = modeling.build_backbone(m, backbone_rng, config.dataset.image_size)
+  in_features = pooled_feature_dim(backbone, head, int(config.dataset.image_size), m.backbone)
+  embedding_dim = in_features if head == "none" else int(m.embedding_dim)
+  linear = None
+  if head != "none":
+    linear = nnx.Linear(in_features, embedding_dim, kernel_init=_LINEAR_INIT, bias_init=nnx.initializers.zeros,
+                        rngs=nnx.Rngs(head_rng))
+  model = EmbeddingModel(backbone, head, linear)
+  batchnorm = modeling.batchnorm_affine_paths(model, "model")
+  modeling.set_batchnorm_frozen(model, bn_freeze)
+  return EmbeddingNet(modeling.SplitModel(model), embedding_dim, batchnorm, backbone.pretrained_cfg)
+
+
+def embed_images(model: modeling.SplitModel, dtype: Any, model_params: Any, model_state: Any, images: jax.Array, *,
+                 train: bool) -> tuple[jax.Array, Any]:
+  """images float32 [B, S, S, 3] -> (L2-normalised embeddings float32 [B, E], the model's new state).
+
+  dtype: `modeling.compute_dtype(config.compute_dtype)` (None: float32). Train mode updates BatchNorm
+  statistics unless they are frozen; eval mode uses the running statistics.
+  """
+  net = model.merge(modeling.cast_floating(model_params, dtype), modeling.cast_floating(model_state, dtype),
+                    train=train)
+  emb = net(images if dtype is None else images.astype(dtype))
+  new_state = model.other_of(net)
+  if dtype is not None:  # statistics go back to their stored dtype
+    new_state = jax.tree.map(lambda new, old: new.astype(old.dtype), new_state, model_state)
+  return l2_normalize(emb.astype(jnp.float32)), new_state
+
+
 class MetricLossMethod(Method):
   """Backbone + head + L2 + `config.method.loss.name` with its learnable parameters ('loss/<name>')."""
 
@@ -98,7 +165,7 @@ class MetricLossMethod(Method):
   def __init__(self, config: Any, *, num_classes: int):
     o = config.method
     if o.head not in HEADS:
-      raise ValueError(f"config.method.head must be one of {HEADS}, got {o.head!r}")
+      raise unknown_name("head (config.method.head)", o.head, HEADS, cls=InvalidValueError)
     self.config = config
     self.num_classes = int(num_classes)
     self.head = o.head
@@ -106,25 +173,17 @@ class MetricLossMethod(Method):
     self.compute_dtype = modeling.compute_dtype(config.compute_dtype)
     self.loss_spec = losses.get_loss_spec(o.loss.name)
     self.loss_hparams = dict(o.loss.hparams)
+    _check_loss_hparams(self.loss_spec, self.loss_hparams)
     self.loss_param_options = dict(o.loss.param_options)
     self.model: modeling.SplitModel | None = None
     self._batchnorm: set[str] = set()
 
   def init(self, rng: jax.Array) -> tuple[dict, dict]:
     backbone_rng, head_rng, loss_rng = jax.random.split(rng, 3)
-    m = self.config.model
-    backbone = modeling.build_backbone(m, backbone_rng)
-    self.pretrained_cfg = backbone.pretrained_cfg
-    in_features = pooled_feature_dim(backbone, self.head, int(self.config.dataset.image_size), m.backbone)
-    self.embedding_dim = in_features if self.head == "none" else int(m.embedding_dim)
-    head = None
-    if self.head != "none":
-      head = nnx.Linear(in_features, self.embedding_dim, kernel_init=_LINEAR_INIT,
-                        bias_init=nnx.initializers.zeros, rngs=nnx.Rngs(head_rng))
-    model = EmbeddingModel(backbone, self.head, head)
-    self._batchnorm = modeling.batchnorm_affine_paths(model, "model")
-    modeling.set_batchnorm_frozen(model, self.bn_freeze)
-    self.model = modeling.SplitModel(model)
+    net = build_embedding_model(self.config, head=self.head, bn_freeze=self.bn_freeze, backbone_rng=backbone_rng,
+                                head_rng=head_rng)
+    self.model, self.embedding_dim = net.model, net.embedding_dim
+    self.pretrained_cfg, self._batchnorm = net.pretrained_cfg, net.batchnorm_paths
     loss_params = losses.init_loss_params(self.loss_spec.name, loss_rng, num_classes=self.num_classes,
                                           embedding_dim=self.embedding_dim, **self.loss_param_options)
     return {"model": self.model.params, "loss": loss_params}, {"model": self.model.other}
@@ -136,14 +195,7 @@ class MetricLossMethod(Method):
   def _embed(self, model_params: Any, model_state: Any, images: jax.Array, train: bool) -> tuple[jax.Array, Any]:
     if self.model is None:
       raise RuntimeError("call method.init(rng) before using the method")
-    dtype = self.compute_dtype
-    net = self.model.merge(modeling.cast_floating(model_params, dtype), modeling.cast_floating(model_state, dtype),
-                           train=train)
-    emb = net(images if dtype is None else images.astype(dtype))
-    new_state = self.model.other_of(net)
-    if dtype is not None:  # statistics go back to their stored dtype
-      new_state = jax.tree.map(lambda new, old: new.astype(old.dtype), new_state, model_state)
-    return l2_normalize(emb.astype(jnp.float32)), new_state
+    return embed_images(self.model, self.compute_dtype, model_params, model_state, images, train=train)
 
   def loss_fn(self, params: dict, method_state: dict, batch: dict, rng: jax.Array,
               info: StepInfo) -> tuple[jax.Array, tuple[dict, dict]]:

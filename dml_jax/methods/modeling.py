@@ -69,14 +69,18 @@ def _random_backbone_fn(name: str, overrides: tuple):
   return nnx.jit(lambda key: backbones.create(name, rngs=nnx.Rngs(key), **dict(overrides)))
 
 
-def build_backbone(model_config: Any, rng: jax.Array) -> nnx.Module:
+def build_backbone(model_config: Any, rng: jax.Array, image_size: int | None = None) -> nnx.Module:
   """The backbone of `config.model`: `weights` (a converted directory, loaded strictly) or random init.
 
   model_config: backbone (registry name, 'name.tag' selects that tag's preprocessing), weights ('' =
   random init from `rng`), backbone_overrides (architecture keyword arguments).
+  image_size: config.dataset.image_size; a ViT is built for it unless backbone_overrides sets img_size
+    (converted position embeddings are resampled on load).
   The module's `pretrained_cfg` holds the preprocessing of the loaded weights.
   """
   overrides = dict(model_config.backbone_overrides)
+  if image_size is not None and "img_size" in backbones.get_entry(model_config.backbone).arch:
+    overrides.setdefault("img_size", int(image_size))
   if model_config.weights:
     return backbones.create(model_config.backbone, weights=model_config.weights, **overrides)
   model = _random_backbone_fn(model_config.backbone, tuple(sorted(overrides.items())))(rng)

@@ -55,6 +55,7 @@ import numpy as np
 from flax import nnx
 
 from dml_jax import losses
+from dml_jax.errors import InvalidValueError
 from dml_jax.losses.ops import l2_normalize
 from dml_jax.methods import modeling
 from dml_jax.methods.base import HostBatch, Method, StepInfo
@@ -196,9 +197,9 @@ def _semantic_init(key: jax.Array, shape: tuple[int, int]) -> jax.Array:
 
 def _check_options(o: Any) -> None:
   if o.semantic_mix not in SEMANTIC_MIX_TYPES:
-    raise ValueError(f"config.method.semantic_mix must be one of {SEMANTIC_MIX_TYPES}, got {o.semantic_mix!r}")
+    raise InvalidValueError(f"config.method.semantic_mix must be one of {SEMANTIC_MIX_TYPES}, got {o.semantic_mix!r}")
   if not 0.0 <= o.rnn_dropout < 1.0:
-    raise ValueError(f"config.method.rnn_dropout must lie in [0, 1), got {o.rnn_dropout}")
+    raise InvalidValueError(f"config.method.rnn_dropout must lie in [0, 1), got {o.rnn_dropout}")
 
 
 class VPTSPMethod(Method):
@@ -233,7 +234,7 @@ class VPTSPMethod(Method):
   def init(self, rng: jax.Array) -> tuple[dict, dict]:
     m, o = self.config.model, self.opts
     backbone_rng, net_rng, state_rng = jax.random.split(rng, 3)
-    backbone = modeling.build_backbone(m, backbone_rng)
+    backbone = modeling.build_backbone(m, backbone_rng, self.config.dataset.image_size)
     self.pretrained_cfg = backbone.pretrained_cfg
     blocks = len(backbone.blocks)
     self.task_counts = prompt_counts(o["num_prompts"], o["prompt_depth"], o["prompt_block_step"], blocks)

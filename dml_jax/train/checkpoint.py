@@ -1,90 +1,283 @@
-"""Checkpoints with orbax: the train state (arrays) plus JSON metadata, kept as 'last N' and 'best'.
+"""Checkpoints that a kill at any instant leaves consistent, verified on every restore.
 
 Layout under the workdir:
-  checkpoints/last/<step>/{state,meta[,host]}   the newest `keep_last` checkpoints (resume reads the newest)
-  checkpoints/best/<step>/{state,meta[,host]}   the checkpoint with the best selection metric so far
+  checkpoints/steps/<step>/{state,meta[,host]}   one orbax step directory per saved step
+  checkpoints/manifest.json                       which steps are committed: the newest `keep_last` ('last')
+                                                  and the best one, with the metric that made it best
 
-`state` is the train-state dict (parameters, optimizer state per group, method state, step, RNG key
-data); `meta` is JSON: the config, the epoch to run next, the data-iterator state, the selection metric,
-the best value so far; `host` (only for methods with host state, `Method.host_state()`) holds that
-state's `state_dict()` as numpy arrays. Orbax writes each checkpoint to a temporary
-directory and renames it when complete, so a run killed while saving leaves the previous checkpoint
-intact. Saves are synchronous: the state's buffers are donated to the next update step right after saving.
+`state` is the train-state dict (parameters, optimizer state per group, method state, step, RNG key data);
+`meta` is JSON: the config, the epoch to run next, the data-iterator state, the best value so far, the
+shape and dtype of every array, and a CRC-32 of every array's bytes (state and host); `host` (methods with
+host state) holds that state's `state_dict()` as numpy arrays.
+
+A save writes the step directory (orbax writes it under a temporary name and renames it when complete),
+then the manifest (a temporary file, fsync, rename). A step counts only once the manifest names it, so a
+kill during the step, between the step and the manifest, or during the manifest leaves the previous
+manifest, whose steps are complete: 'last' and 'best' always agree with each other. Steps the manifest no
+longer names are deleted after it is written, and leftovers of a killed save at the next start.
+
+A restore verifies every array against its checksum. A damaged or unreadable step is reported by its path
+and the next newest committed step is used instead; if none is intact, the run stops with the paths.
+Checkpoints never execute pickles (orbax arrays, JSON).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import pathlib
-from typing import Any
+import shutil
+import zlib
+from typing import Any, Callable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from dml_jax import pytree as tree_lib
+from dml_jax.errors import UserError
 
 LAST = "last"
 BEST = "best"
+MANIFEST_FILE = "manifest.json"
+STEPS_DIR = "steps"
+_FORMAT = "dml_jax.checkpoints/1"
 
 
-class Checkpoints:
-  """Two orbax CheckpointManagers, 'last' (keep_last newest) and 'best' (one)."""
-
-  def __init__(self, workdir: str | pathlib.Path, *, keep_last: int = 1, keep_best: bool = True):
-    if keep_last < 1:
-      raise ValueError(f"checkpoint.keep_last must be >= 1, got {keep_last}")
-    root = pathlib.Path(workdir).absolute() / "checkpoints"
-    self.root = root
-    self._managers = {
-        LAST: ocp.CheckpointManager(root / LAST, options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep_last, create=True, enable_async_checkpointing=False)),
-    }
-    if keep_best:
-      self._managers[BEST] = ocp.CheckpointManager(root / BEST, options=ocp.CheckpointManagerOptions(
-          max_to_keep=1, create=True, enable_async_checkpointing=False))
-
-  def _manager(self, which: str) -> ocp.CheckpointManager:
-    if which not in self._managers:
-      raise ValueError(f"no {which!r} checkpoints are kept (checkpoint.keep_best is off)")
-    return self._managers[which]
-
-  def latest_step(self, which: str = LAST) -> int | None:
-    if which not in self._managers:
-      return None
-    return self._managers[which].latest_step()
-
-  def save(self, step: int, state: Any, meta: dict, which: str = LAST, host: Any = None) -> None:
-    """host: optional nested dict of numpy arrays kept in host memory (a method's host state)."""
-    items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-    if host is not None:
-      items["host"] = ocp.args.StandardSave(host)
-    self._manager(which).save(int(step), args=ocp.args.Composite(**items), force=True)
-
-  def restore_host(self, step: int, which: str = LAST) -> Any:
-    """The `host` item of a checkpoint as numpy arrays (never placed on a device)."""
-    return self._manager(which).restore(int(step), args=ocp.args.Composite(host=ocp.args.StandardRestore())).host
-
-  def read_meta(self, step: int, which: str = LAST) -> dict:
-    return self._manager(which).restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-
-  def restore(self, step: int, abstract_state: Any, which: str = LAST) -> tuple[Any, dict]:
-    """Restores into the structure, shapes, dtypes and shardings of `abstract_state`."""
-    restored = self._manager(which).restore(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    return restored.state, restored.meta
-
-  def close(self) -> None:
-    for manager in self._managers.values():
-      manager.wait_until_finished()
-      manager.close()
+class CheckpointError(UserError):
+  """No intact checkpoint where one is needed (every committed step damaged, or none written yet)."""
 
 
-def abstract_like(state: Any, sharding: jax.sharding.Sharding) -> Any:
-  """ShapeDtypeStructs of `state` placed with `sharding` (what `restore` fills)."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+@dataclasses.dataclass
+class Restored:
+  step: int
+  state: Any
+  meta: dict
+  host: Any
+  skipped: list[str]  # damaged steps passed over, newest first, each 'path: reason'
+
+
+def _host_bytes(x: Any) -> np.ndarray:
+  if isinstance(x, jax.Array):
+    x = x.addressable_data(0)  # replicated: every process's copy is the array
+  return np.ascontiguousarray(np.asarray(x))
+
+
+def checksums(tree: Any) -> dict[str, int]:
+  """{'/'-joined path: CRC-32 of the array's bytes} of every leaf."""
+  return {path: zlib.crc32(memoryview(_host_bytes(x)).cast("B")) for path, x in tree_lib.flatten(tree).items()}
 
 
 def array_shapes(state: Any) -> dict[str, list]:
   """{'/'-joined path: [shape, dtype name]} of every array of a train state, for the checkpoint's meta (a
   method may change parameter shapes between epochs; restore needs the saved ones)."""
   return {path: [list(np.shape(x)), str(np.dtype(x.dtype))] for path, x in tree_lib.flatten(state).items()}
+
+
+def _write_json_atomically(path: pathlib.Path, value: dict) -> None:
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=1, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  directory = os.open(path.parent, os.O_RDONLY)
+  try:
+    os.fsync(directory)  # the rename itself survives a power cut
+  finally:
+    os.close(directory)
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+class Checkpoints:
+  """The committed steps of a workdir; see the module docstring.
+
+  Args:
+    workdir: the run's folder.
+    keep_last: how many of the newest steps to keep (>= 1); the best step is kept besides.
+    keep_best: track (and keep) the best step at all.
+    read_only: only read (no cleanup of leftovers, no saving), e.g. for evaluation tools.
+  """
+
+  def __init__(self, workdir: str | os.PathLike, *, keep_last: int = 1, keep_best: bool = True,
+               read_only: bool = False):
+    if keep_last < 1:
+      raise UserError(f"checkpoint.keep_last must be >= 1, got {keep_last}", "--config.checkpoint.keep_last=1")
+    self.root = pathlib.Path(workdir).absolute() / "checkpoints"
+    self.keep_last, self.keep_best, self.read_only = keep_last, keep_best, read_only
+    self.is_main = jax.process_index() == 0
+    self._manager = ocp.CheckpointManager(self.root / STEPS_DIR, options=ocp.CheckpointManagerOptions(
+        max_to_keep=None, create=not read_only, enable_async_checkpointing=False))
+    self.manifest = self._read_manifest()
+    if not read_only:
+      self._remove_uncommitted()
+
+  # -- the manifest -------------------------------------------------------------------------------
+
+  @property
+  def manifest_path(self) -> pathlib.Path:
+    return self.root / MANIFEST_FILE
+
+  def step_path(self, step: int) -> pathlib.Path:
+    return self.root / STEPS_DIR / str(step)
+
+  def _read_manifest(self) -> dict:
+    if not self.manifest_path.is_file():
+      return {"format": _FORMAT, "last": [], "best": None}
+    try:
+      manifest = json.loads(self.manifest_path.read_text())
+      if manifest.get("format") != _FORMAT:
+        raise ValueError(f"format {manifest.get('format')!r}")
+    except (OSError, ValueError) as e:
+      raise CheckpointError(f"{self.manifest_path} is damaged ({e})",
+                            "remove it to fall back on the step folders' own integrity checks, or use a new "
+                            "--workdir") from None
+    return manifest
+
+  def committed_steps(self) -> list[int]:
+    """Every step the manifest names, newest first."""
+    steps = set(self.manifest["last"])
+    if self.manifest["best"] is not None:
+      steps.add(self.manifest["best"]["step"])
+    return sorted(steps, reverse=True)
+
+  def latest_step(self, which: str = LAST) -> int | None:
+    if which == BEST:
+      return None if self.manifest["best"] is None else int(self.manifest["best"]["step"])
+    return int(self.manifest["last"][0]) if self.manifest["last"] else None
+
+  @property
+  def best(self) -> dict | None:
+    return self.manifest["best"]
+
+  def _remove_uncommitted(self) -> None:
+    """Step folders the manifest does not name: what a killed save left behind."""
+    if not self.is_main:
+      return
+    keep = set(self.committed_steps())
+    for step in self._manager.all_steps():
+      if step not in keep:
+        self._delete(step)
+    steps_dir = self.root / STEPS_DIR
+    if steps_dir.is_dir():  # orbax's temporary folders of an interrupted write
+      for entry in steps_dir.iterdir():
+        if entry.is_dir() and not entry.name.isdigit():
+          shutil.rmtree(entry, ignore_errors=True)
+    self._manager.reload()
+
+  def _delete(self, step: int) -> None:
+    try:
+      self._manager.delete(step)
+    except Exception:  # noqa: BLE001 (a half-written folder orbax does not recognise)
+      shutil.rmtree(self.step_path(step), ignore_errors=True)
+
+  # -- saving -------------------------------------------------------------------------------------
+
+  def save(self, step: int, state: Any, meta: dict, *, host: Any = None, best: dict | None = None) -> None:
+    """Writes step `step` and commits it as the newest 'last' (and as 'best' when `best` is given: a dict with
+    at least 'metric' and 'value')."""
+    if self.read_only:
+      raise RuntimeError("this Checkpoints object is read-only")
+    step = int(step)
+    meta = {**meta, "array_shapes": array_shapes(state), "checksums": {"state": checksums(state)}}
+    items = dict(state=ocp.args.StandardSave(state))
+    if host is not None:
+      items["host"] = ocp.args.StandardSave(host)
+      meta["checksums"]["host"] = checksums(host)
+    items["meta"] = ocp.args.JsonSave(meta)
+    if step in self._manager.all_steps():  # e.g. re-reaching a step whose earlier save was never committed
+      if step in self.committed_steps():
+        raise RuntimeError(f"step {step} is already committed in {self.root}")
+      self._delete(step)
+    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self._manager.wait_until_finished()
+    manifest = {"format": _FORMAT, "last": ([step] + [s for s in self.manifest["last"] if s != step])[:self.keep_last],
+                "best": self.manifest["best"]}
+    if best is not None and self.keep_best:
+      manifest["best"] = {**best, "step": step}
+    if self.is_main:
+      _write_json_atomically(self.manifest_path, manifest)
+    _sync(f"dml_jax checkpoint {step}")
+    self.manifest = manifest
+    if self.is_main:
+      keep = set(self.committed_steps())
+      for old in self._manager.all_steps():
+        if old not in keep:
+          self._delete(old)
+
+  # -- restoring ----------------------------------------------------------------------------------
+
+  def read_meta(self, step: int) -> dict:
+    return self._manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+  def _restore_verified(self, step: int, make_abstract: Callable[[dict], Any]) -> tuple[Any, dict, Any]:
+    meta = self.read_meta(step)
+    if not isinstance(meta, dict) or "checksums" not in meta:
+      raise ValueError("its meta has no checksums")
+    items = dict(state=ocp.args.StandardRestore(make_abstract(meta)), meta=ocp.args.JsonRestore())
+    if "host" in meta["checksums"]:
+      items["host"] = ocp.args.StandardRestore()
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    parts = [("state", restored.state)] + ([("host", restored.host)] if "host" in items else [])
+    for name, tree in parts:
+      expected = meta["checksums"][name]
+      got = checksums(tree)
+      if set(got) != set(expected):
+        raise ValueError(f"{name} arrays {sorted(set(got) ^ set(expected))[:4]} differ from the saved list")
+      bad = [p for p in got if got[p] != expected[p]]
+      if bad:
+        raise ValueError(f"checksum mismatch in {len(bad)} {name} array(s), e.g. {bad[:3]}")
+    return restored.state, meta, restored.host if "host" in items else None
+
+  def restore(self, which: str, make_abstract: Callable[[dict], Any], *, echo: Callable[[str], None] = print
+              ) -> Restored:
+    """The newest intact committed step of `which` ('last': the newest 'last' step, falling back to older
+    committed steps; 'best': the best step, falling back to the newest 'last' ones), verified by checksum.
+
+    make_abstract(meta) -> the ShapeDtypeStructs (with shardings) the state is restored into.
+    """
+    if which == BEST and self.manifest["best"] is not None:
+      best = int(self.manifest["best"]["step"])
+      candidates = [best] + [s for s in self.committed_steps() if s != best]
+    else:
+      candidates = self.committed_steps()
+    if not candidates:
+      raise CheckpointError(f"no checkpoint in {self.root}", "train first (the same --workdir)")
+    skipped = []
+    for step in candidates:
+      try:
+        state, meta, host = self._restore_verified(step, make_abstract)
+      except Exception as e:  # noqa: BLE001 (any failure to read a step means that step is not usable)
+        reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        skipped.append(f"{self.step_path(step)}: {reason}")
+        echo(f"checkpoint step {step} ({self.step_path(step)}) is damaged or unreadable ({reason}); trying an "
+             f"older one")
+        continue
+      if skipped:
+        echo(f"restored step {step} instead ({len(skipped)} newer step(s) damaged)")
+      return Restored(step=step, state=state, meta=meta, host=host, skipped=skipped)
+    raise CheckpointError(f"every checkpoint of {self.root} is damaged: " + "; ".join(skipped),
+                          "start a new --workdir (or remove the damaged step folders and the manifest)")
+
+  def newest_intact_step(self) -> int | None:
+    """The newest committed step whose files verify (for messages; reads the arrays)."""
+    for step in self.committed_steps():
+      try:
+        meta = self.read_meta(step)
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+        if checksums(restored.state) == meta["checksums"]["state"]:
+          return step
+      except Exception:  # noqa: BLE001
+        continue
+    return None
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

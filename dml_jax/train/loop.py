@@ -1,9 +1,9 @@
 """`fit(config, workdir)`: epochs of the one update step, method hooks, evaluation, checkpoints, logs.
 
-Resuming: when `<workdir>/checkpoints/last` holds a checkpoint, `fit` continues from it (parameters,
-optimizer state per group, method state, host state, RNG, data-iterator position, best-so-far), so a run
-stopped after an epoch (or mid-epoch, with checkpoint.every_steps) and started again produces the same
-losses as one that never stopped.
+Resuming: when `<workdir>/checkpoints` holds a committed checkpoint, `fit` continues from the newest intact
+one (parameters, optimizer state per group, method state, host state, RNG, data-iterator position,
+best-so-far), so a run stopped after an epoch, mid-epoch (checkpoint.every_steps), by SIGTERM / SIGINT or by
+kill -9, and started again produces the same losses as one that never stopped (docs/reliability.md).
 
 Model selection: `eval.select_on = 'test'` keeps the checkpoint with the best `eval.select_metric` on
 the TEST split, as the seed papers' code does (an optimistic protocol; the log says so). 'val' selects
@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import json
 import pathlib
+import threading
 import time
 from typing import Any, Callable, Iterable, Mapping
 
@@ -29,18 +30,24 @@ import tqdm
 
 from dml_jax import data as data_lib
 from dml_jax import methods as methods_lib
+from dml_jax import preprocessing
 from dml_jax import pytree as tree_lib
+from dml_jax.data.readers import folder as folder_lib
 from dml_jax.eval import embed as embed_lib
 from dml_jax.eval import protocols
+from dml_jax.eval import saved as saved_lib
 from dml_jax.methods.base import HostBatch
 from dml_jax.train import checkpoint as ckpt_lib
 from dml_jax.train import config as config_lib
 from dml_jax.train import logs
 from dml_jax.train import optim
 from dml_jax.train import step as step_lib
+from dml_jax.errors import UserError
+from dml_jax.preemption import PreemptionHandler
+from dml_jax.workdir_lock import WorkdirLock
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
   """The loss became NaN or Inf; training stopped, the last checkpoint on disk predates it."""
 
 
@@ -101,6 +108,76 @@ def carve_validation(records: data_lib.Records, fraction: float, seed: int):
   return train, val
 
 
+def abstract_train_state(params: Any, method_state: Any, groups: optim.EpochGroups, meta: dict,
+                         sharding: jax.sharding.Sharding) -> dict:
+  """The shapes a checkpoint restores into: the run's structure (from the method's initial params and state
+  and the epoch's groups) with the shapes the checkpoint saved (a method may change parameter shapes between
+  epochs), placed with `sharding`."""
+  saved = {p: (tuple(shape), np.dtype(dtype)) for p, (shape, dtype) in meta["array_shapes"].items()}
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
+  template = step_lib.init_train_state(
+      shapes, method_state, jax.eval_shape(lambda p: optim.init_group_states(groups, p), shapes),
+      jax.random.key(0))
+  flat = tree_lib.flatten(template)
+  missing, unexpected = sorted(set(flat) - set(saved)), sorted(set(saved) - set(flat))
+  if missing or unexpected:
+    raise ckpt_lib.CheckpointError(
+        f"the checkpoint was written by a different setup: arrays missing {missing[:6]}, unexpected "
+        f"{unexpected[:6]}", "resume with the config the run started with, or use a new --workdir")
+  return tree_lib.map_with_paths(lambda p, _: jax.ShapeDtypeStruct(saved[p][0], saved[p][1], sharding=sharding),
+                                 template)
+
+
+@dataclasses.dataclass
+class TrainedRun:
+  """A run's method with the parameters of one checkpoint, for embedding anything (retrieval, plots)."""
+
+  config: Any
+  method: methods_lib.Method
+  params: dict
+  method_state: dict
+  step: int
+  meta: dict
+
+  def __post_init__(self):
+    self._embed = jax.jit(self.method.embed_fn)
+
+  def embed(self, images: Any) -> jax.Array:
+    """float32 images [B, S, S, 3] (prepared as `method.pretrained_cfg` says) -> embeddings float32 [B, E]."""
+    return self._embed(self.params, self.method_state, images)
+
+
+def load_trained(workdir: str | pathlib.Path, which: str = ckpt_lib.BEST, *,
+                 echo: Callable[[str], None] = _echo) -> TrainedRun:
+  """The method of the run in `workdir` with its 'best' (or 'last') intact checkpoint, without its dataset
+  or its weights directory: the architecture, the number of classes and the preprocessing come from the
+  checkpoint."""
+  import ml_collections
+
+  checkpoints = ckpt_lib.Checkpoints(workdir, read_only=True)
+  try:
+    if checkpoints.latest_step() is None:
+      raise ckpt_lib.CheckpointError(f"no checkpoint in {checkpoints.root}",
+                                     "pass the --workdir of a training run (python train.py --workdir ...)")
+    if which == ckpt_lib.BEST and checkpoints.best is None:
+      echo(f"{workdir}: no best checkpoint (no evaluation ran); using the last one")
+      which = ckpt_lib.LAST
+    meta = checkpoints.read_meta(checkpoints.latest_step(which))
+    config = ml_collections.ConfigDict(meta["config"])
+    config.model.weights = ""  # shapes only: the checkpoint holds every value
+    method = methods_lib.build(config, num_classes=int(meta["num_classes"]))
+    params, method_state = method.init(jax.random.key(0))
+    method.pretrained_cfg = preprocessing.PretrainedCfg.from_json(meta["pretrained_cfg"])
+    plan = optim.ParamPlan(config.optim, list(tree_lib.flatten(params)), selectors=method.param_selectors(params))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    restored = checkpoints.restore(which, lambda m: abstract_train_state(
+        params, method_state, plan.groups(m["phase_epoch"]), m, device), echo=echo)
+  finally:
+    checkpoints.close()
+  return TrainedRun(config=config, method=method, params=restored.state["params"],
+                    method_state=restored.state["method_state"], step=restored.step, meta=restored.meta)
+
+
 @dataclasses.dataclass
 class _Progress:
   """Where a run is: the epoch to run next, the best selection so far, a mid-epoch data position."""
@@ -113,29 +190,55 @@ class _Progress:
 class Trainer:
   """Builds everything `fit` needs from a config; `run()` trains, `evaluate_checkpoint()` evaluates."""
 
-  def __init__(self, config: Any, workdir: str | pathlib.Path):
+  def __init__(self, config: Any, workdir: str | pathlib.Path, *, for_training: bool = True):
+    """Validates everything (config, dataset, method, weights, evaluation images) before it creates anything
+    in `workdir`, then takes the workdir's lock (one run per workdir, docs/reliability.md)."""
     self.mesh = step_lib.make_mesh()
     config_lib.check_config(config, num_devices=self.mesh.size)
     self.config = config
     self.workdir = pathlib.Path(workdir)
-    self.workdir.mkdir(parents=True, exist_ok=True)
     self.is_main = jax.process_index() == 0
+    self._lock = None
     self._load_data()
     self._build_method()
     self.train_loader = self._train_loader(self.default_sampler)
     self._eval_loaders = {name: self.eval_loader(recs) for name, recs in self.eval_splits.items()}
-    self.checkpoints = ckpt_lib.Checkpoints(self.workdir, keep_last=config.checkpoint.keep_last,
-                                            keep_best=config.checkpoint.keep_best)
-    self.logger = logs.MetricLogger(self.workdir, tensorboard=config.log.tensorboard, enabled=self.is_main)
+    self._check_evaluation(for_training)
+    if self.is_main:
+      self._lock = WorkdirLock(self.workdir, echo=_echo)
+      self._lock.acquire()
+    try:
+      self.checkpoints = ckpt_lib.Checkpoints(self.workdir, keep_last=config.checkpoint.keep_last,
+                                              keep_best=config.checkpoint.keep_best)
+      self.logger = logs.MetricLogger(self.workdir, tensorboard=config.log.tensorboard, enabled=self.is_main)
+    except BaseException:
+      self._release_lock()
+      raise
     self.ctx = TrainContext(config=config, mesh=self.mesh, train_records=self.train_records,
                             steps_per_epoch=len(self.train_loader), log=_echo, _trainer=self)
+
+  def _check_evaluation(self, for_training: bool) -> None:
+    """Mistakes that would otherwise stop the run at its first evaluation, after an epoch of work: the metric
+    names and options, the selection metric, and every evaluation image (decoded at 1/8 scale)."""
+    c = self.config
+    for split in self.eval_splits:
+      protocol, options = (self.val_protocol, {**dict(c.eval.options), **self.val_options}) if split == "val" else (
+          self.protocol, dict(c.eval.options))
+      select = c.eval.select_metric if for_training and split == c.eval.select_on and c.eval.every_epochs else None
+      protocols.check_metrics(protocol, list(c.eval.metrics), select, **options)
+      if not c.dataset.skip_corrupt:
+        data_lib.require_decodable(self.dataset_name, self.eval_splits[split], split, num_threads=c.data.num_threads)
 
   # -- construction ---------------------------------------------------------------------------------
 
   def _load_data(self) -> None:
     c, ds = self.config, self.config.dataset
+    # Your own `folder` dataset: the split recorded in the workdir by an earlier start wins over the config.
+    folder_split = folder_lib.split_for_run(ds.folder, self.workdir) if ds.name == "folder" else None
     splits = data_lib.load_dataset(ds.name, ds.data_root or None, source=ds.source, skip_corrupt=ds.skip_corrupt,
-                                   num_threads=c.data.num_threads)
+                                   vehicleid_test_size=ds.vehicleid_test_size, num_threads=c.data.num_threads,
+                                   folder_split=folder_split)
+    self.split_manifest = splits.split_manifest
     self.dataset_name = splits.name
     self.protocol = c.eval.protocol or ds.name
     test_protocol = protocols.get_protocol(self.protocol)  # fail now, not after an epoch
@@ -189,21 +292,8 @@ class Trainer:
     state = step_lib.init_train_state(self.initial_params, self._init_method_state, opt_state, self.train_rng)
     return jax.device_put(state, self.repl)
 
-  def _abstract_state(self, groups: optim.EpochGroups, meta: dict, step: int, which: str) -> dict:
-    """The shapes a checkpoint restores into: the run's structure with the saved shapes (a method may
-    have changed parameter shapes between epochs)."""
-    saved = {p: (tuple(shape), np.dtype(dtype)) for p, (shape, dtype) in meta["array_shapes"].items()}
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), self.initial_params)
-    template = step_lib.init_train_state(
-        params, self._init_method_state, jax.eval_shape(lambda p: optim.init_group_states(groups, p), params),
-        self.train_rng)
-    flat = tree_lib.flatten(template)
-    missing, unexpected = sorted(set(flat) - set(saved)), sorted(set(saved) - set(flat))
-    if missing or unexpected:
-      raise ValueError(f"checkpoint step {step} ({which}) was written by a different setup: arrays missing "
-                       f"{missing[:6]}, unexpected {unexpected[:6]} (same config and --workdir?)")
-    return tree_lib.map_with_paths(
-        lambda p, _: jax.ShapeDtypeStruct(saved[p][0], saved[p][1], sharding=self.repl), template)
+  def _abstract_state(self, groups: optim.EpochGroups, meta: dict) -> dict:
+    return abstract_train_state(self.initial_params, self._init_method_state, groups, meta, self.repl)
 
   def set_params(self, state: dict, values: Mapping[str, Any]) -> dict:
     unknown = sorted(set(values) - set(self.param_keys))
@@ -221,32 +311,48 @@ class Trainer:
     return {**state, "opt_state": jax.device_put(opt_state, self.repl)}
 
   def _start(self) -> tuple[dict, _Progress]:
-    """A fresh train state, or the newest checkpoint's (with the host state restored)."""
-    latest = self.checkpoints.latest_step()
-    if latest is None:
+    """A fresh train state, or the newest intact checkpoint's (with the host state restored)."""
+    if self.split_manifest is not None and self.is_main:
+      data_lib.write_split_manifest(self.workdir / folder_lib.SPLIT_FILE, self.split_manifest)
+    if self.checkpoints.latest_step() is None:
       self.groups = self.plan.groups(0)
       self.logger.write("config", step=0, epoch=0, config=json.loads(self.config.to_json_best_effort()))
       return self._fresh_state(self.groups), _Progress()
-    meta = self.checkpoints.read_meta(latest)
+    restored = self._restore(ckpt_lib.LAST)
+    meta = restored.meta
     self._log_config_differences(meta["config"])
-    self.groups = self.plan.groups(meta["phase_epoch"])
-    state, meta = self.checkpoints.restore(latest, self._abstract_state(self.groups, meta, latest, ckpt_lib.LAST))
-    if self.host is not None:
-      self.host.load_state_dict(self.checkpoints.restore_host(latest))
     progress = _Progress(epoch=meta["epoch"], best=meta["best"], data_state=meta["data_state"])
-    _echo(f"resumed from {self.checkpoints.root / ckpt_lib.LAST / str(latest)}: epoch {progress.epoch}, step "
-          f"{latest}" + (f", batch {progress.data_state['step']} of the epoch" if progress.data_state else ""))
-    return state, progress
+    _echo(f"resumed from {self.checkpoints.step_path(restored.step)}: epoch {progress.epoch}, step {restored.step}"
+          + (f", batch {progress.data_state['step']} of the epoch" if progress.data_state else ""))
+    return restored.state, progress
+
+  def _restore(self, which: str) -> ckpt_lib.Restored:
+    """The newest intact checkpoint of `which` (verified; damaged steps are named and passed over), with
+    self.groups set to its epoch's and the host state loaded."""
+    def make_abstract(meta):
+      self.groups = self.plan.groups(meta["phase_epoch"])
+      return self._abstract_state(self.groups, meta)
+
+    restored = self.checkpoints.restore(which, make_abstract, echo=_echo)
+    self.groups = self.plan.groups(restored.meta["phase_epoch"])
+    if self.host is not None:
+      if restored.host is None:
+        raise ckpt_lib.CheckpointError(f"{self.checkpoints.step_path(restored.step)} holds no host state, which "
+                                       f"{self.method.name} keeps", "use a new --workdir for this config")
+      self.host.load_state_dict(restored.host)
+    return restored
 
   def _save(self, state: dict, progress: _Progress, *, step: int, phase_epoch: int, best_too: bool = False) -> None:
     meta = {"epoch": progress.epoch, "phase_epoch": phase_epoch, "step": step, "data_state": progress.data_state,
             "best": progress.best, "select_on": self.config.eval.select_on,
-            "select_metric": self.config.eval.select_metric,
-            "config": json.loads(self.config.to_json_best_effort()), "array_shapes": ckpt_lib.array_shapes(state)}
+            "select_metric": self.config.eval.select_metric, "num_classes": self.train_records.num_classes,
+            "pretrained_cfg": self.method.pretrained_cfg.to_json(),
+            "config": json.loads(self.config.to_json_best_effort())}
     host = self.host.state_dict() if self.host is not None else None
-    self.checkpoints.save(step, state, meta, host=host)
-    if best_too and self.config.checkpoint.keep_best:
-      self.checkpoints.save(step, state, meta, which=ckpt_lib.BEST, host=host)
+    best = None
+    if best_too and progress.best is not None:
+      best = {k: progress.best[k] for k in ("metric", "value", "epoch", "split")}
+    self.checkpoints.save(step, state, meta, host=host, best=best)
 
   def _log_config_differences(self, saved: dict) -> None:
     now = json.loads(self.config.to_json_best_effort())
@@ -267,44 +373,63 @@ class Trainer:
 
   def embed(self, state: dict, loader, desc: str, feature: str | None = None):
     fn = functools.partial(self.steps.embed, state["params"], state["method_state"], feature=feature)
-    return embed_lib.embed_dataset(fn, loader, mesh=self.mesh, desc=desc, progress=self.config.log.progress)
+    return embed_lib.embed_dataset(fn, loader, mesh=self.mesh, desc=desc,
+                                   progress=self.config.log.progress and self.is_main)
 
   def evaluate(self, state: dict, split: str) -> dict[str, float]:
     records = self.eval_splits[split]
     emb, labels, indices = self.embed(state, self._eval_loaders[split], f"embed {split}")
+    if split == "test":
+      self._last_test = (emb, labels, indices)  # saved with the best checkpoint (plots, retrieval)
     c = self.config.eval
     protocol, options = (self.val_protocol, {**dict(c.options), **self.val_options}) if split == "val" else (
         self.protocol, dict(c.options))
     return protocols.evaluate(protocol, emb, labels, records.roles[indices], metrics=list(c.metrics), **options)
 
   def evaluate_checkpoint(self, which: str = ckpt_lib.BEST) -> dict[str, dict[str, float]]:
-    step = self.checkpoints.latest_step(which)
-    if step is None and which == ckpt_lib.BEST:
-      _echo("no best checkpoint; evaluating the last one")
-      which, step = ckpt_lib.LAST, self.checkpoints.latest_step(ckpt_lib.LAST)
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint under {self.checkpoints.root}; train first (same --workdir)")
-    meta = self.checkpoints.read_meta(step, which)
-    self.groups = self.plan.groups(meta["phase_epoch"])
-    state, meta = self.checkpoints.restore(step, self._abstract_state(self.groups, meta, step, which), which)
+    if self.checkpoints.latest_step() is None:
+      raise ckpt_lib.CheckpointError(f"no checkpoint under {self.checkpoints.root}", "train first (the same --workdir)")
+    if which == ckpt_lib.BEST and self.checkpoints.best is None:
+      _echo("no best checkpoint (no evaluation ran during training); evaluating the last one")
+      which = ckpt_lib.LAST
+    restored = self._restore(which)
+    meta, step = restored.meta, restored.step
+    best = self.checkpoints.best
+    what = (f"the best checkpoint (step {step}, after epoch {best['epoch']}: {best['metric']} "
+            f"{100 * best['value']:.2f} on {best['split']})" if which == ckpt_lib.BEST and best and best["step"] == step
+            else f"the checkpoint of step {step} (after epoch {meta['epoch'] - 1})")
+    _echo(f"evaluating {what}: {self.checkpoints.step_path(step)}")
     results = {}
     for split in self.eval_splits:
-      results[split] = self.evaluate(state, split)
+      results[split] = self.evaluate(restored.state, split)
       self.logger.write("eval", step=step, epoch=meta["epoch"], split=split, checkpoint=which, **results[split])
-      _echo(f"{which} checkpoint (step {step}, after epoch {meta['epoch'] - 1}) on {split}: "
-            + _format_metrics(results[split]))
+      _echo(f"{which} checkpoint (step {step}) on {split}: " + _format_metrics(results[split]))
     return results
 
   def _evaluate_epoch(self, state: dict, epoch: int, history: list[dict]) -> dict[str, dict[str, float]]:
+    """Evaluates every split; the 'eval' log rows are written by `_log_evaluation`, after the checkpoint
+    they describe is committed (a kill in between never leaves logs naming an uncommitted step)."""
     row = {}
-    step = int(state["step"])
     for split in self.eval_splits:
       res = self.evaluate(state, split)
-      self.logger.write("eval", step=step, epoch=epoch, split=split, **res)
       history.append({"epoch": epoch if epoch >= 0 else "before", "split": split, **res})
       row[split] = res
       _echo((f"epoch {epoch} {split}: " if epoch >= 0 else f"before training, {split}: ") + _format_metrics(res))
     return row
+
+  def _log_evaluation(self, row: dict[str, dict[str, float]], epoch: int, step: int) -> None:
+    for split, res in row.items():
+      self.logger.write("eval", step=step, epoch=epoch, split=split, **res)
+
+  def _save_best_embeddings(self, epoch: int, step: int) -> None:
+    """The test split's embeddings under the new best checkpoint, for `python -m dml_jax.plot`."""
+    if not self.is_main or getattr(self, "_last_test", None) is None:
+      return
+    emb, labels, indices = self._last_test
+    records = self.eval_splits["test"]
+    saved_lib.save_embeddings(saved_lib.best_test_path(self.workdir), emb, labels, records.paths[indices],
+                              records.roles[indices], protocol=self.protocol, class_names=records.class_names,
+                              split="test", step=step, epoch=epoch)
 
   def _select(self, row: dict[str, dict[str, float]], epoch: int, step: int, progress: _Progress) -> bool:
     """Updates the best-so-far with this epoch's evaluation; True when this epoch is the new best."""
@@ -327,18 +452,27 @@ class Trainer:
   # -- training -------------------------------------------------------------------------------------
 
   def run(self) -> dict:
+    """Trains to config.num_epochs (resuming from the workdir's checkpoint); SIGTERM / SIGINT finish the step,
+    save and raise `Preempted` (exit status 143 / 130 on the command line)."""
+    self._stop = PreemptionHandler()
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+      return self._run()
+    with self._stop:
+      return self._run()
+
+  def _run(self) -> dict:
     c = self.config
     t_start = time.perf_counter()
     self._announce_selection()
-    state, progress = self._start()
     fresh = self.checkpoints.latest_step() is None
+    state, progress = self._start()
     _echo(f"{self.method.name} on {self.dataset_name}: {len(self.train_records)} training images, "
           f"{self.train_records.num_classes} classes, {len(self.train_loader)} steps/epoch of {c.data.batch_size} "
           f"images on {self.mesh.size} device(s) ({jax.devices()[0].platform})\n"
           + self.plan.describe(tree_lib.flatten(self.initial_params)) + "\n" + self._parameter_counts())
     history = [] if fresh else self._previous_evaluations(progress.epoch)
     if fresh and c.eval.before_training:
-      self._evaluate_epoch(state, -1, history)
+      self._log_evaluation(self._evaluate_epoch(state, -1, history), -1, 0)
 
     images_seen, train_time = 0, 0.0
     for epoch in range(progress.epoch, c.num_epochs):
@@ -349,15 +483,37 @@ class Trainer:
       images_seen, train_time = images_seen + seen, train_time + seconds
       state = self.method.on_epoch_end(epoch, state, self.ctx)
       step = int(state["step"])
-      is_best = False
+      is_best, row = False, None
       if self._evaluates_after(epoch):
-        is_best = self._select(self._evaluate_epoch(state, epoch, history), epoch, step, progress)
+        row = self._evaluate_epoch(state, epoch, history)
+        is_best = self._select(row, epoch, step, progress)
       progress.epoch = epoch + 1
       self._save(state, progress, step=step, phase_epoch=epoch, best_too=is_best)
+      if row is not None:
+        self._log_evaluation(row, epoch, step)
+      if is_best:
+        self._save_best_embeddings(epoch, step)
+      if self._stop.requested:
+        raise self._stop.stopped(f"after epoch {epoch} (step {step}); checkpoint saved in "
+                                 f"{self.checkpoints.step_path(step)}")
 
     summary = self._summary(history, progress.best, time.perf_counter() - t_start, images_seen, train_time)
     self.close()
+    self._plot()
     return summary
+
+  def _plot(self) -> None:
+    """The run's pictures (<workdir>/plots/*.png); a plotting failure never fails a finished run."""
+    if not (self.is_main and self.config.log.plots):
+      return
+    try:
+      from dml_jax import plot as plot_lib  # matplotlib only when drawing
+
+      written = plot_lib.plot_run(self.workdir)
+      _echo("plots: " + ", ".join(str(p) for p in written))
+    except Exception as e:  # noqa: BLE001 (a finished run's checkpoints matter more than its pictures)
+      _echo(f"warning: the run's plots could not be drawn ({type(e).__name__}: {e}); "
+            f"python -m dml_jax.plot --workdir {self.workdir} retries")
 
   def _announce_selection(self) -> None:
     split, metric = self.config.eval.select_on, self.config.eval.select_metric
@@ -402,10 +558,17 @@ class Trainer:
       seen += c.data.batch_size
       log.add(step, metrics, c.data.batch_size)
       every = c.checkpoint.every_steps
-      if every and (step + 1) % every == 0 and iterator.step < len(self.train_loader):
+      preempted = self._stop.requested and iterator.step < len(self.train_loader)
+      if (every and (step + 1) % every == 0 and iterator.step < len(self.train_loader)) or preempted:
         log.flush()  # never save a state that follows a non-finite loss
         mid = _Progress(epoch=epoch, best=progress.best, data_state=iterator.get_state())
         self._save(state, mid, step=step + 1, phase_epoch=epoch)
+        if preempted:
+          iterator.close()
+          log.close()
+          raise self._stop.stopped(f"after step {step + 1} (epoch {epoch}, batch {iterator.step} of "
+                                   f"{len(self.train_loader)}); checkpoint saved in "
+                                   f"{self.checkpoints.step_path(step + 1)}")
     log.close()
     seconds = time.perf_counter() - t_epoch
     _echo(f"epoch {epoch}: {seen} images in {seconds:.1f} s ({seen / max(seconds, 1e-9):.1f} images/s), "
@@ -475,8 +638,16 @@ class Trainer:
     if getattr(self, "_closed", False):
       return
     self._closed = True
-    self.checkpoints.close()
-    self.logger.close()
+    try:
+      self.checkpoints.close()
+      self.logger.close()
+    finally:
+      self._release_lock()
+
+  def _release_lock(self) -> None:
+    if self._lock is not None:
+      self._lock.release()
+      self._lock = None
 
 
 class _StepLog:
@@ -519,8 +690,9 @@ class _StepLog:
 
   def _raise_nonfinite(self, step: int, m: dict) -> None:
     checkpoints = self.trainer.checkpoints
-    last = checkpoints.latest_step()
-    where = (f"the last good checkpoint is step {last} in {checkpoints.root / ckpt_lib.LAST}"
+    last = checkpoints.newest_intact_step()
+    where = (f"the last good checkpoint is step {last} ({checkpoints.step_path(last)}); resuming repeats the "
+             f"same steps, so change the config (e.g. a lower --config.optim.lr) or the data first"
              if last is not None else "no checkpoint was written before it")
     self.trainer.logger.write("event", step=step, epoch=self.epoch, error="nonfinite_loss", loss=float(m["loss"]))
     raise NonFiniteLossError(f"loss is {float(m['loss'])} at step {step} (epoch {self.epoch}); training stopped, "
@@ -542,7 +714,7 @@ def fit(config: Any, workdir: str | pathlib.Path) -> dict:
 
 def evaluate_only(config: Any, workdir: str | pathlib.Path, which: str = ckpt_lib.BEST) -> dict:
   """Evaluates the 'best' (or 'last') checkpoint of `workdir` on every evaluation split."""
-  trainer = Trainer(config, workdir)
+  trainer = Trainer(config, workdir, for_training=False)
   try:
     return trainer.evaluate_checkpoint(which)
   finally:

@@ -1,4 +1,8 @@
-"""Cars196: classes 1-98 train, 99-196 test, from class folders or from cars_annos.mat."""
+"""Cars196: official class ids 1-98 train, 99-196 test, from class folders or from cars_annos.mat.
+
+Folders are mapped to their class id by name (cars_classes.NAMES, the devkit's class names), annotations carry
+the id; either way the split is by id, never by position, and a missing class is an error naming it.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import os
 import numpy as np
 
 from dml_jax.data.errors import DatasetLayoutError
-from dml_jax.data.readers import common
+from dml_jax.data.readers import cars_classes, common
 from dml_jax.data.records import DatasetSplits, FileStore, Records
 
 NAME = "cars196"
@@ -18,6 +22,23 @@ LAYOUTS = (
     "cars196/car_ims/<NNNNNN>.jpg + cars196/cars_annos.mat   (official all-images tar; Proxy-Anchor, DFML, D&C)",
 )
 NUM_CLASSES = 196
+NUM_TRAIN = 98
+
+
+def folder_class_id(name: str) -> int | None:
+  """A class folder's official id: by its class name ('Acura RL Sedan 2012' -> 2), or a numeric 'NNN' prefix."""
+  class_id = cars_classes.IDS.get(cars_classes.class_key(name))
+  if class_id is None:
+    head = name.split(".", 1)[0].strip()
+    class_id = int(head) if head.isdigit() else None
+  return class_id
+
+
+# Labels follow the folder names in Python string order, as Confusezius' loader numbers them; the first 98 of
+# that order are exactly ids 1-98, so the labels equal the seeds' on a complete tree.
+RULE = common.ClassRule(identify=folder_class_id, num_classes=NUM_CLASSES, num_train=NUM_TRAIN,
+                        folder_pattern=lambda c: f"images/{cars_classes.folder_name(c)}",
+                        naming="after the class ('Acura RL Sedan 2012')", sort="string")
 PUBLISHED = {
     "train": common.Published(8054, 98),
     "eval": common.Published(8131, 98),
@@ -37,9 +58,7 @@ def detect(folder: str) -> str | None:
 
 def read(folder: str, layout: str, *, skip_missing: bool = False) -> DatasetSplits:
   if layout == _FOLDERS:
-    # Confusezius sorts the class folder names as Python strings; the first 98 of that order are exactly
-    # the official class ids 1-98 (docs/data.md).
-    return common.read_class_folders(NAME, folder, layout, num_classes=NUM_CLASSES, sort="string")
+    return common.read_class_folders(NAME, folder, layout, RULE)
   return _read_annos(folder, layout, skip_missing=skip_missing)
 
 
@@ -64,17 +83,26 @@ def read_annotations(mat_path: str) -> tuple[list[str], np.ndarray]:
 def _read_annos(folder: str, layout: str, *, skip_missing: bool) -> DatasetSplits:
   mat_path = os.path.join(folder, "cars_annos.mat")
   rel_paths, classes = read_annotations(mat_path)
-  num_classes = int(classes.max())
-  if classes.min() < 1:
-    raise DatasetLayoutError(NAME, f"{mat_path}: class ids must be 1-based, found {classes.min()}")
-  if num_classes != NUM_CLASSES:
-    common.log.warning("dataset %r: %s has %d classes, the published dataset %d", NAME, mat_path, num_classes,
-                       NUM_CLASSES)
+  if classes.min() < 1 or classes.max() > NUM_CLASSES:
+    raise DatasetLayoutError(NAME, f"{mat_path}: class ids must lie in 1..{NUM_CLASSES}, found "
+                             f"{classes.min()}..{classes.max()}")
+  subset = common.read_subset(NAME, folder, NUM_CLASSES)
+  expected = subset if subset is not None else set(range(1, NUM_CLASSES + 1))
+  present = set(np.unique(classes).tolist())
+  missing = sorted(expected - present)
+  if missing:
+    raise common.missing_classes_error(NAME, missing, mat_path, lambda c: f"class {c} "
+                                       f"{cars_classes.NAMES[c - 1]!r} (no annotation)", subset is not None)
+  if present - expected:
+    raise DatasetLayoutError(NAME, f"{mat_path} annotates classes {sorted(present - expected)[:5]} that "
+                             f"{os.path.join(folder, common.SUBSET_FILE)} does not list")
   paths = [os.path.join(folder, p) for p in rel_paths]
   keep = common.existing_mask(NAME, paths, mat_path, skip_missing=skip_missing)
-  num_train = num_classes // 2
+  gone = sorted(present - set(np.unique(classes[keep]).tolist()))
+  if gone:
+    common.log.warning("dataset %r: skip_corrupt dropped every image of class(es) %s", NAME, gone[:10])
   splits = []
-  for role, in_split in (("train", classes <= num_train), ("test", classes > num_train)):
+  for role, in_split in (("train", classes <= NUM_TRAIN), ("test", classes > NUM_TRAIN)):
     rows = np.flatnonzero(in_split & keep)
     part_paths = [paths[i] for i in rows]
     # Labels within a split are the class id minus the split's first id, as Proxy-Anchor's 0..97 / 98..195

@@ -11,10 +11,12 @@ from typing import Callable, Sequence
 import numpy as np
 
 from dml_jax.data import decode
-from dml_jax.data.errors import DatasetLayoutError, MissingFilesError
+from dml_jax.data.errors import DatasetLayoutError, MissingFilesError, UnreadableImagesError
 from dml_jax.data.records import DatasetSplits, FileStore, Records
 
 log = logging.getLogger("dml_jax.data")
+DATA_ROOT_HINT = ("set data_root to the folder that holds the dataset folder (train.py: "
+                  "--config.dataset.data_root=DIR); `python -m dml_jax.data verify` checks a layout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,10 +37,11 @@ def locate(dataset: str, data_root: str, dir_names: Sequence[str],
   looked at and the layouts expected.
   """
   if data_root is None:
-    raise DatasetLayoutError(dataset, "no data_root given", expected=layouts)
+    raise DatasetLayoutError(dataset, "no data_root given", expected=layouts, hint=DATA_ROOT_HINT)
   root = os.path.abspath(os.path.expanduser(os.fspath(data_root)))
   if not os.path.isdir(root):
-    raise DatasetLayoutError(dataset, f"data root {root} does not exist or is not a folder", expected=layouts)
+    raise DatasetLayoutError(dataset, f"data root {root} does not exist or is not a folder", expected=layouts,
+                             hint=DATA_ROOT_HINT)
   looked_at = []
   for candidate in [os.path.join(root, n) for n in dir_names] + [root]:
     if candidate in looked_at:
@@ -49,7 +52,7 @@ def locate(dataset: str, data_root: str, dir_names: Sequence[str],
       if layout is not None:
         return candidate, layout
   raise DatasetLayoutError(dataset, f"no recognised layout under {root}", looked_at=looked_at,
-                           expected=layouts)
+                           expected=layouts, hint=DATA_ROOT_HINT)
 
 
 def class_folders(images_dir: str, *, sort: str) -> list[str]:
@@ -69,36 +72,6 @@ def image_files(folder: str, dataset: str) -> list[str]:
     log.warning("dataset %r: ignoring %d non-image file(s) in %s, e.g. %s", dataset, len(others), folder,
                 others[:3])
   return [os.path.join(folder, n) for n in images]
-
-
-def folder_per_class(dataset: str, images_dir: str, *, num_train_classes: int | None,
-                     sort: str) -> tuple[list[list[str]], list[str]]:
-  """Reads `<images_dir>/<class>/<image>` into per-class file lists in class order.
-
-  Returns (files per class, class folder names). Empty class folders are an error: they shift every
-  later label.
-  """
-  names = class_folders(images_dir, sort=sort)
-  files = [image_files(os.path.join(images_dir, n), dataset) for n in names]
-  empty = [n for n, f in zip(names, files) if not f]
-  if empty:
-    raise DatasetLayoutError(dataset, f"class folder(s) without images in {images_dir}: {empty[:10]}")
-  if num_train_classes is not None and len(names) <= num_train_classes:
-    raise DatasetLayoutError(dataset, f"{images_dir} has {len(names)} class folders; the split needs more "
-                             f"than {num_train_classes}")
-  return files, names
-
-
-def split_folder_classes(files: list[list[str]], names: list[str], num_train: int
-                         ) -> tuple[tuple[list[str], np.ndarray, list[str]], tuple[list[str], np.ndarray, list[str]]]:
-  """First `num_train` classes train, the rest test; labels re-indexed 0.. within each split."""
-
-  def flat(part_files, part_names):
-    paths = [p for f in part_files for p in f]
-    labels = np.concatenate([np.full(len(f), i, np.int64) for i, f in enumerate(part_files)])
-    return paths, labels, part_names
-
-  return flat(files[:num_train], names[:num_train]), flat(files[num_train:], names[num_train:])
 
 
 def find_file(folder: str, candidates: Sequence[str]) -> str | None:
@@ -132,13 +105,30 @@ def existing_mask(dataset: str, paths: Sequence[str], listed_in: str, *, skip_mi
   return exists
 
 
-def drop_corrupt(dataset: str, records: Records, split: str, *, num_threads: int = 8) -> Records:
-  """Decodes every image cheaply and drops the unreadable ones, logging how many and which."""
+def decode_errors(records: Records, *, num_threads: int = 8) -> list[str | None]:
+  """Per record, why its image does not decode (None when it does); cheap 1/8-scale JPEG decoding."""
   def check(i):
     return decode.check_decodable(records.read_source(i), records.paths[i])
 
   with futures.ThreadPoolExecutor(num_threads) as pool:
-    errors = list(pool.map(check, range(len(records)), chunksize=256))
+    return list(pool.map(check, range(len(records)), chunksize=256))
+
+
+def require_decodable(dataset: str, records: Records, split: str, *, num_threads: int = 8) -> None:
+  """Stops with UnreadableImagesError (every bad image listed) unless every image of `records` decodes.
+
+  For a check before training: an unreadable evaluation image otherwise stops the run at its first
+  evaluation, after an epoch of work.
+  """
+  errors = decode_errors(records, num_threads=num_threads)
+  bad = [(str(records.paths[i]), str(e)) for i, e in enumerate(errors) if e is not None]
+  if bad:
+    raise UnreadableImagesError(dataset, split, bad, len(records))
+
+
+def drop_corrupt(dataset: str, records: Records, split: str, *, num_threads: int = 8) -> Records:
+  """Decodes every image cheaply and drops the unreadable ones, logging how many and which."""
+  errors = decode_errors(records, num_threads=num_threads)
   bad = [i for i, e in enumerate(errors) if e is not None]
   if not bad:
     log.info("dataset %r %s: all %d images decode", dataset, split, len(records))
@@ -149,26 +139,129 @@ def drop_corrupt(dataset: str, records: Records, split: str, *, num_threads: int
   return records.subset(keep, relabel=True)
 
 
+def check_disjoint(dataset: str, train_classes, test_classes, train_source: str, test_source: str) -> None:
+  """DML splits are class-disjoint: a class in both is an error naming it (mixed or wrong split files)."""
+  both = sorted(set(train_classes) & set(test_classes))
+  if both:
+    raise DatasetLayoutError(dataset, f"{len(both)} class(es) are in both the training split ({train_source}) and "
+                             f"the test split ({test_source}), e.g. {both[:5]}; the splits must not share classes",
+                             hint="restore the official split files")
+
+
 def read_lines(path: str) -> list[str]:
   with open(path, encoding="utf-8") as f:
     return [line.rstrip("\n\r") for line in f]
 
 
-def read_class_folders(dataset: str, folder: str, layout: str, *, num_classes: int, sort: str) -> DatasetSplits:
-  """Class folders in `sort` order (see folder_per_class); the first half of the classes train, the rest test.
+SUBSET_FILE = "dml_jax_subset.txt"
 
-  Labels are the class position within each split (0..), files within a class sorted by name, as the
-  seeds read them (`._*` metadata files skipped).
+
+@dataclasses.dataclass(frozen=True)
+class ClassRule:
+  """How a class-folder dataset names its classes and which of them train (the official split, by class id).
+
+  identify: folder name -> official class id (1-based), None for a name that is no class of the dataset.
+  num_classes / num_train: ids 1..num_classes exist; ids 1..num_train train, the others test.
+  folder_pattern: class id -> how its folder looks, for messages ('images/057.*').
+  naming: the folder naming in words, for messages.
+  sort: the label order within each split, as the seeds read the folders ('int_prefix' | 'string').
+  """
+
+  identify: Callable[[str], int | None]
+  num_classes: int
+  num_train: int
+  folder_pattern: Callable[[int], str]
+  naming: str
+  sort: str
+
+
+def int_prefix_id(name: str) -> int | None:
+  """'057.Bird_Name' -> 57; None for a name without a 'NNN.' prefix."""
+  head, dot, _ = name.partition(".")
+  return int(head) if dot and head.isdigit() else None
+
+
+def read_subset(dataset: str, folder: str, num_classes: int) -> set[int] | None:
+  """The class ids listed in `<folder>/dml_jax_subset.txt`, or None without that file.
+
+  The file declares a deliberately partial tree (the generated test trees of dml_jax.data.synthetic, or a
+  user's sample): one class id per line, '#' comments. Without it every class of the dataset must be there.
+  """
+  path = os.path.join(folder, SUBSET_FILE)
+  if not os.path.isfile(path):
+    return None
+  ids = set()
+  for n, line in enumerate(read_lines(path), start=1):
+    text = line.split("#", 1)[0].strip()
+    if not text:
+      continue
+    if not text.isdigit() or not 1 <= int(text) <= num_classes:
+      raise DatasetLayoutError(dataset, f"{path} line {n}: expected a class id in 1..{num_classes}, got {text!r}")
+    ids.add(int(text))
+  if not ids:
+    raise DatasetLayoutError(dataset, f"{path} lists no class ids")
+  return ids
+
+
+def missing_classes_error(dataset: str, missing: Sequence[int], where: str, describe: Callable[[int], str],
+                          subset: bool) -> DatasetLayoutError:
+  """The error for classes of the official split (or of the subset file) that are not there, each named."""
+  shown = "; ".join(describe(c) for c in missing[:5]) + (f"; ... ({len(missing)} in all)" if len(missing) > 5
+                                                         else "")
+  what = "class" if len(missing) == 1 else f"{len(missing)} classes"
+  listed = f" listed in {SUBSET_FILE}" if subset else ""
+  return DatasetLayoutError(
+      dataset, f"{what}{listed} missing in {where}: {shown}. The split assigns classes by id, so a missing "
+      "class is an error, never a shift", hint="restore the missing class folder(s) from the dataset archive")
+
+
+def read_class_folders(dataset: str, folder: str, layout: str, rule: ClassRule) -> DatasetSplits:
+  """`<folder>/images/<class>/<image>`: classes by id (rule.identify), ids 1..rule.num_train train, the rest test.
+
+  Every class of the dataset must have its folder (or every class of the subset file, see read_subset);
+  a missing class is an error naming it, a folder that is no class of the dataset too. Labels are the
+  class position within each split (0..) in the seeds' folder order (rule.sort); files within a class are
+  sorted by name (`._*` metadata files skipped).
   """
   images = os.path.join(folder, "images")
-  files, names = folder_per_class(dataset, images, num_train_classes=None, sort=sort)
-  if len(names) != num_classes:
-    log.warning("dataset %r: %s has %d class folders, the published dataset %d; splitting the first "
-                "half for training", dataset, images, len(names), num_classes)
-  if len(names) < 2:
-    raise DatasetLayoutError(dataset, f"{images} needs at least 2 class folders, found {len(names)}")
-  (tr_paths, tr_labels, tr_names), (te_paths, te_labels, te_names) = split_folder_classes(
-      files, names, len(names) // 2)
-  train = Records(FileStore(tr_paths), labels=tr_labels, roles="train", paths=tr_paths, class_names=tr_names)
-  test = Records(FileStore(te_paths), labels=te_labels, roles="test", paths=te_paths, class_names=te_names)
-  return DatasetSplits(dataset, train, test, layout=layout, root=folder)
+  names = class_folders(images, sort=rule.sort)
+  by_id: dict[int, str] = {}
+  unknown = []
+  for name in names:
+    class_id = rule.identify(name)
+    if class_id is None or not 1 <= class_id <= rule.num_classes:
+      unknown.append(name)
+    elif class_id in by_id:
+      raise DatasetLayoutError(dataset, f"folders {by_id[class_id]!r} and {name!r} in {images} are both class "
+                               f"{class_id}", hint="keep one of them")
+    else:
+      by_id[class_id] = name
+  if unknown:
+    raise DatasetLayoutError(dataset, f"{len(unknown)} folder(s) in {images} are no {dataset} class: "
+                             f"{unknown[:5]}; class folders are named {rule.naming}",
+                             hint="move other folders out of images/")
+  subset = read_subset(dataset, folder, rule.num_classes)
+  expected = subset if subset is not None else set(range(1, rule.num_classes + 1))
+  missing = sorted(expected - set(by_id))
+  if missing:
+    raise missing_classes_error(dataset, missing, images, lambda c: f"class {c} (no folder "
+                                f"{rule.folder_pattern(c)})", subset is not None)
+  extra = sorted(set(by_id) - expected)
+  if extra:
+    raise DatasetLayoutError(dataset, f"class folder(s) {[by_id[c] for c in extra[:5]]} in {images} are not "
+                             f"listed in {os.path.join(folder, SUBSET_FILE)}", hint="list their class ids there")
+  train_names = [n for n in names if rule.identify(n) <= rule.num_train]  # in the seeds' order
+  test_names = [n for n in names if rule.identify(n) > rule.num_train]
+  if not train_names or not test_names:
+    raise DatasetLayoutError(dataset, f"{os.path.join(folder, SUBSET_FILE)} must list classes of both splits "
+                             f"(ids 1-{rule.num_train} train, {rule.num_train + 1}-{rule.num_classes} test)")
+  splits = []
+  for role, part in (("train", train_names), ("test", test_names)):
+    files = [image_files(os.path.join(images, n), dataset) for n in part]
+    empty = [n for n, f in zip(part, files) if not f]
+    if empty:
+      raise DatasetLayoutError(dataset, f"class folder(s) without images in {images}: {empty[:10]}")
+    paths = [p for f in files for p in f]
+    labels = np.concatenate([np.full(len(f), i, np.int64) for i, f in enumerate(files)])
+    splits.append(Records(FileStore(paths), labels=labels, roles=role, paths=paths, class_names=part))
+  return DatasetSplits(dataset, splits[0], splits[1], layout=layout, root=folder)

@@ -1,4 +1,7 @@
-"""CUB-200-2011: class folders 1-100 train, 101-200 test (by class, not the official image split)."""
+"""CUB-200-2011: classes 1-100 train, 101-200 test, by the number of their folder (NNN.Name), not by position.
+
+(By class, not the official image-level train_test_split.txt.) A missing class folder is an error naming it.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +19,10 @@ LAYOUTS = (
     "cub-200-2011/images/<NNN.Class_Name>/<image>.jpg   (Divide & Conquer)",
 )
 NUM_CLASSES = 200
+NUM_TRAIN = 100
+RULE = common.ClassRule(identify=common.int_prefix_id, num_classes=NUM_CLASSES, num_train=NUM_TRAIN,
+                        folder_pattern=lambda c: f"images/{c:03d}.*", naming="'NNN.Name' (001 to 200)",
+                        sort="int_prefix")
 PUBLISHED = {
     "train": common.Published(5864, 100),
     "eval": common.Published(5924, 100),
@@ -31,4 +38,4 @@ def detect(folder: str) -> str | None:
 
 def read(folder: str, layout: str, *, skip_missing: bool = False) -> DatasetSplits:
   del skip_missing  # files are listed from disk
-  return common.read_class_folders(NAME, folder, layout, num_classes=NUM_CLASSES, sort="int_prefix")
+  return common.read_class_folders(NAME, folder, layout, RULE)

@@ -56,10 +56,14 @@ def list_path(folder: str, layout: str, split: str) -> str:
 
 
 def read(folder: str, layout: str, *, skip_missing: bool = False) -> DatasetSplits:
-  splits = []
+  splits, all_keys, paths_read = [], [], []
   for split, role in (("train", "train"), ("test", "test")):
     path = list_path(folder, layout, split)
     rel_paths, keys = read_split_list(path)
+    all_keys.append(keys)
+    paths_read.append(path)
+    if len(all_keys) == 2:
+      common.check_disjoint(NAME, all_keys[0], all_keys[1], paths_read[0], paths_read[1])
     if not rel_paths:
       raise DatasetLayoutError(NAME, f"{path} lists no images")
     base = common.resolve_base(NAME, rel_paths[0], [folder, os.path.dirname(path),

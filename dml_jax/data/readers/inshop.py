@@ -68,6 +68,8 @@ def read(folder: str, layout: str, *, skip_missing: bool = False) -> DatasetSpli
   paths = [os.path.join(base, n) for n in names]
   keep = common.existing_mask(NAME, paths, list_path, skip_missing=skip_missing)
   items_arr, status_arr = np.asarray(items), np.asarray(statuses)
+  common.check_disjoint(NAME, items_arr[status_arr == "train"].tolist(), items_arr[status_arr != "train"].tolist(),
+                        f"{list_path} train rows", "its query / gallery rows")
 
   train_rows = np.flatnonzero(keep & (status_arr == "train"))
   tr_labels, tr_classes = contiguous_labels(items_arr[train_rows].tolist(), order="sorted")

@@ -58,12 +58,16 @@ def read(folder: str, layout: str, *, skip_missing: bool = False) -> DatasetSpli
   # Confusezius' loaders join the listed path to images/; the official zip keeps it beside the lists.
   bases = [os.path.join(folder, "images"), folder] if layout == _INFO_FILES else [folder,
                                                                                    os.path.join(folder, "images")]
-  splits = []
+  splits, ids, lists = [], [], []
   for split, role in (("train", "train"), ("test", "test")):
     list_path = os.path.join(info_dir, f"Ebay_{split}.txt")
     class_ids, rel_paths = parse_ebay_file(list_path)
     if not rel_paths:
       raise DatasetLayoutError(NAME, f"{list_path} lists no images")
+    ids.append(class_ids)
+    lists.append(list_path)
+    if len(ids) == 2:  # before the (slow) file checks
+      common.check_disjoint(NAME, ids[0], ids[1], lists[0], lists[1])
     base = common.resolve_base(NAME, rel_paths[0], bases, list_path)
     paths = [os.path.join(base, p) for p in rel_paths]
     keep = common.existing_mask(NAME, paths, list_path, skip_missing=skip_missing)

@@ -63,4 +63,6 @@ def read(folder: str, layout: str, *, skip_missing: bool = False, test_size: str
   for size, list_name in TEST_LISTS.items():
     if os.path.isfile(os.path.join(split_dir, list_name)):
       extra[f"test_{size}"] = _read_list(folder, list_name, "test", skip_missing=skip_missing)
+      common.check_disjoint(NAME, train.class_names, extra[f"test_{size}"].class_names,
+                            os.path.join(split_dir, "train_list.txt"), os.path.join(split_dir, list_name))
   return DatasetSplits(NAME, train, extra[f"test_{test_size}"], layout=layout, root=folder, extra=extra)
