@@ -62,6 +62,7 @@ def _main(argv):
   if not flags.FLAGS["verbosity"].present:
     # orbax and jax log every save and backend probe at INFO; the trainer prints its own progress.
     logging.set_verbosity(logging.WARNING)
+  cli.quiet_background_errors(debug=_DEBUG.value)
   from dml_jax.train import distributed  # before anything touches a device
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from dml_jax.train import loop  # after flag parsing: grain workers read the parsed flags

@@ -1,7 +1,9 @@
-"""Writes docs/benchmarks.md from the per-topic files in docs/benchmarks/ (one section each).
+"""Writes docs/benchmarks.md from the per-benchmark sections in docs/benchmarks/ (one file each).
 
-Each benchmark script records its figures in its own file so that runs on different machines and days stay
-separate; this page puts them under the headings the issues name.
+Every section is written by its benchmark script (`--out docs/benchmarks/<name>.md`), stamped with the date,
+commit, machine, load average before and after, versions and the exact command that wrote it, so each section
+regenerates with the command it shows and `python benchmarks/run_all.py` regenerates them all. Nothing in
+docs/benchmarks/ is written by hand.
 
   python benchmarks/assemble_docs.py
 """
@@ -11,28 +13,49 @@ from __future__ import annotations
 import pathlib
 
 SECTIONS = (  # (heading, file in docs/benchmarks/)
-    ("input pipeline", "input_pipeline.md"),
-    ("evaluation", "eval_metrics.md"),
-    ("train step", "train_step.md"),
-    ("divide & conquer re-clustering", "dnc_recluster.md"),
+    ("Input pipeline", "input_pipeline.md"),
+    ("Evaluation metrics", "eval_metrics.md"),
+    ("Training step", "train_step.md"),
+    ("Training step: per-op profile", "train_step_profile.md"),
+    ("Divide & Conquer re-clustering", "dnc_recluster.md"),
     ("Proxy-ISA step", "proxy_isa.md"),
+    ("DFML train step", "dfml.md"),
     ("DADA iteration", "dada.md"),
 )
+
+INTRO = """# Benchmarks
+
+Every figure below is written by a script in `benchmarks/`: each section starts with its stamp (date, commit,
+machine, load average before and after, versions) and the exact command, which regenerates that section from a
+clean checkout; `python benchmarks/run_all.py` runs all of them and then `python benchmarks/assemble_docs.py`
+joins the sections into this page (`python benchmarks/run_all.py --quick` runs every script on tiny sizes, in
+CI). Times are min / median / max over repeated runs, with compilation (JAX) and other first-run costs reported
+apart from the steady state.
+
+Figures taken on a shared machine (the stamp's load average well above its core count) are indicative only:
+compare rows of one section, which were measured side by side, not sections or runs. CPU figures say nothing
+about GPU speed. Where ours is slower than the reference, the section says so in words.
+"""
 
 
 def main() -> None:
   docs = pathlib.Path(__file__).resolve().parent.parent / "docs"
-  parts = ["# Benchmarks\n",
-           "Every figure gives its date, machine and command. Assembled by `python benchmarks/assemble_docs.py` "
-           "from the files in `docs/benchmarks/`.\n"]
+  parts, missing = [INTRO], []
   for heading, name in SECTIONS:
-    text = (docs / "benchmarks" / name).read_text().strip()
+    path = docs / "benchmarks" / name
+    if not path.exists():
+      missing.append(name)
+      continue
+    text = path.read_text().strip()
     body = text.split("\n", 1)[1] if text.startswith("# ") else text  # the file's own title becomes a subtitle
     title = text.split("\n", 1)[0].lstrip("# ").strip() if text.startswith("# ") else ""
     parts.append(f"## {heading}\n")
     if title:
       parts.append(f"_{title}_\n")
     parts.append(body.replace("\n## ", "\n### ").strip() + "\n")
+  if missing:
+    parts.append("Not yet run: " + ", ".join(f"`docs/benchmarks/{m}`" for m in missing)
+                 + " (`python benchmarks/run_all.py` writes them).\n")
   (docs / "benchmarks.md").write_text("\n".join(parts))
 
 

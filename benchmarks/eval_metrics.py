@@ -14,9 +14,14 @@ R-Precision, MAP@R, NMI and F1 (k-means niter 20, as PML).
   python benchmarks/eval_metrics.py --cases sop --impls ours_auto pml
   python benchmarks/eval_metrics.py --cases inat --num_items 34023 --num_classes 613 --impls ours_auto pml
 
-Times: wall seconds and process CPU seconds (all threads); on a machine shared with other jobs the CPU
-seconds are the steadier figure. Peak RSS is the process's maximum resident set (getrusage), data included; "growth" is that peak minus
-the resident set after the embeddings were generated.
+Times: each implementation computes the metrics --repeats + 1 times in its process. The first run includes
+compilation (JAX) and first-touch costs and is reported apart; the other runs give min / median / max wall
+seconds (and the mean process CPU seconds, all threads: on a machine shared with other jobs the steadier figure).
+Peak RSS is the process's maximum resident set (getrusage), data included; "growth" is that peak minus the
+resident set after the embeddings were generated.
+
+  python benchmarks/eval_metrics.py --cases sop --impls ours_auto ours_jax pml --out docs/benchmarks/eval_metrics.md
+  python benchmarks/eval_metrics.py --quick       # tiny sizes: checks that it runs (CI)
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -34,6 +38,8 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from benchmarks import common  # noqa: E402
 
 CASES = {
     "sop": dict(num_items=60502, num_classes=11316, dim=512, sizes="sop", recall_ks=(1, 10, 100, 1000)),
@@ -76,7 +82,13 @@ def _rss() -> int:
     return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS"))
 
 
-def worker(impl: str, case: dict, niter: int, skip_clustering: bool) -> dict:
+def _timed(fn) -> tuple[dict, float, float]:
+  start, start_cpu = time.perf_counter(), time.process_time()
+  values = fn()
+  return values, time.perf_counter() - start, time.process_time() - start_cpu
+
+
+def worker(impl: str, case: dict, niter: int, skip_clustering: bool, repeats: int) -> dict:
   embeddings, labels, sizes = synthetic(case["num_items"], case["num_classes"], case["dim"], case["sizes"])
   if impl == "pml":
     import torch  # pylint: disable=import-outside-toplevel
@@ -85,30 +97,32 @@ def worker(impl: str, case: dict, niter: int, skip_clustering: bool) -> dict:
     from dml_jax.eval import metrics  # pylint: disable=import-outside-toplevel
   baseline = _rss()
   result = {"max_class_size": int(sizes.max()), "mean_class_size": float(sizes.mean())}
-  start, start_cpu = time.perf_counter(), time.process_time()
-  if impl == "pml":
-    calculator = AccuracyCalculator(include=("precision_at_1", "r_precision", "mean_average_precision_at_r"),
-                                    k="max_bin_count", device=torch.device("cpu"))
-    values = calculator.get_accuracy(embeddings, labels)
-    result.update({"precision@1": values["precision_at_1"], "r_precision": values["r_precision"],
-                   "map@r": values["mean_average_precision_at_r"]})
-  else:
-    backend = impl.split("_", 1)[1]
-    result.update(metrics.retrieval_metrics(embeddings, labels, metrics=["recall", "precision@1", "r_precision", "map@r"],
-                                            recall_ks=case["recall_ks"], backend=backend))
-  result["retrieval_s"] = time.perf_counter() - start
-  result["retrieval_cpu_s"] = time.process_time() - start_cpu
-  if not skip_clustering:
-    start, start_cpu = time.perf_counter(), time.process_time()
+
+  def retrieval():
+    if impl == "pml":
+      calculator = AccuracyCalculator(include=("precision_at_1", "r_precision", "mean_average_precision_at_r"),
+                                      k="max_bin_count", device=torch.device("cpu"))
+      values = calculator.get_accuracy(embeddings, labels)
+      return {"precision@1": values["precision_at_1"], "r_precision": values["r_precision"],
+              "map@r": values["mean_average_precision_at_r"]}
+    return metrics.retrieval_metrics(embeddings, labels, metrics=["recall", "precision@1", "r_precision", "map@r"],
+                                     recall_ks=case["recall_ks"], backend=impl.split("_", 1)[1])
+
+  def clustering():
     if impl == "pml":
       if niter != 20:
         raise SystemExit("PML's AccuracyCalculator fixes niter=20")
-      calculator = AccuracyCalculator(include=("NMI",), device=torch.device("cpu"))
-      result["nmi"] = calculator.get_accuracy(embeddings, labels)["NMI"]
-    else:
-      result.update(metrics.clustering_metrics(embeddings, labels, niter=niter, backend=backend))
-    result["clustering_s"] = time.perf_counter() - start
-    result["clustering_cpu_s"] = time.process_time() - start_cpu
+      return {"nmi": AccuracyCalculator(include=("NMI",), device=torch.device("cpu")).get_accuracy(
+          embeddings, labels)["NMI"]}
+    return metrics.clustering_metrics(embeddings, labels, niter=niter, backend=impl.split("_", 1)[1])
+
+  parts = [("retrieval", retrieval)] + ([] if skip_clustering else [("clustering", clustering)])
+  for part, fn in parts:
+    runs = [_timed(fn) for _ in range(repeats + 1)]
+    result.update(runs[-1][0])  # the values of the last run (every run gives the same retrieval values)
+    result[f"{part}_first_s"] = runs[0][1]
+    result[f"{part}_s"] = [r[1] for r in runs[1:]]
+    result[f"{part}_cpu_s"] = sum(r[2] for r in runs[1:]) / max(len(runs) - 1, 1)
   result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   result["growth_mb"] = result["peak_rss_mb"] - baseline / 2**20
   return result
@@ -123,25 +137,37 @@ def main() -> None:
   parser.add_argument("--dim", type=int, help="override the embedding dimension (512)")
   parser.add_argument("--recall_ks", type=int, nargs="+", help="override the case's Recall@K values (ours)")
   parser.add_argument("--niter", type=int, default=20, help="k-means iterations (PML: 20, fixed)")
+  parser.add_argument("--repeats", type=int, default=3, help="timed runs after the first (compile) run")
   parser.add_argument("--skip_clustering", action="store_true", help="retrieval metrics only")
+  parser.add_argument("--quick", action="store_true",
+                      help="tiny sizes (2,000 x 64, 400 classes, 1 timed run; pml only when installed): CI")
   parser.add_argument("--json", help="append one JSON line per run to this file")
+  parser.add_argument("--out", help="write the markdown section here")
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.quick:
+    args.num_items, args.num_classes, args.dim, args.repeats = args.num_items or 2000, args.num_classes or 400, \
+        args.dim or 64, 1
+    if "pml" in args.impls:
+      try:
+        import pytorch_metric_learning  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+      except ImportError:
+        args.impls = [i for i in args.impls if i != "pml"]
 
   overrides = {key: value for key, value in (("num_items", args.num_items), ("num_classes", args.num_classes),
                                              ("dim", args.dim), ("recall_ks", args.recall_ks)) if value}
   if args.worker:
     case = {**CASES[args.cases[0]], **overrides}
-    print(json.dumps(worker(args.worker, case, args.niter, args.skip_clustering)))
+    print(json.dumps(worker(args.worker, case, args.niter, args.skip_clustering, args.repeats)))
     return
 
-  print(f"# {platform.node()}  python {platform.python_version()}  cpus {os.cpu_count()}")
+  stamp = common.stamp()
   rows = []
   for case_name in args.cases:
     case = {**CASES[case_name], **overrides}
     for impl in args.impls:
       command = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--cases", case_name,
-                 "--niter", str(args.niter)]
+                 "--niter", str(args.niter), "--repeats", str(args.repeats)]
       for key in ("num_items", "num_classes", "dim"):
         if key in overrides:
           command += [f"--{key}", str(overrides[key])]
@@ -164,17 +190,42 @@ def main() -> None:
         with open(args.json, "a", encoding="utf-8") as file:
           file.write(json.dumps(result) + "\n")
 
-  print("\n| case | impl | N x D, classes | retrieval s (CPU s) | clustering s (CPU s) | peak RSS MB | growth MB | "
-        "recall@1 / P@1 | R-Prec | MAP@R | NMI |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  def seconds(row, part):
+    if f"{part}_s" not in row:
+      return "-", "-"
+    return f"{row[f'{part}_first_s']:.1f}", f"{common.fmt_spread(row[f'{part}_s'], 1)} ({row[f'{part}_cpu_s']:.1f})"
+
+  def value(row, key, digits=6):
+    return f"{row[key]:.{digits}f}" if key in row else "-"
+
+  timing_rows, value_rows = [], []
   for row in rows:
-    def fmt(key, digits=4):
-      return f"{row[key]:.{digits}f}" if key in row else "-"
-    first = row.get("recall@1", row.get("precision@1"))
-    print(f"| {row['case']} | {row['impl']} | {row['num_items']} x {row['dim']}, {row['num_classes']} | "
-          f"{fmt('retrieval_s', 1)} ({fmt('retrieval_cpu_s', 1)}) | {fmt('clustering_s', 1)} ({fmt('clustering_cpu_s', 1)}) | "
-          f"{fmt('peak_rss_mb', 0)} | {fmt('growth_mb', 0)} | "
-          f"{first:.4f} | {fmt('r_precision')} | {fmt('map@r')} | {fmt('nmi')} |")
+    shape = f"{row['case']} {row['num_items']:,} x {row['dim']}, {row['num_classes']:,} classes"
+    r_first, r_steady = seconds(row, "retrieval")
+    c_first, c_steady = seconds(row, "clustering")
+    timing_rows.append((shape, row["impl"], r_first, r_steady, c_first, c_steady, f"{row['peak_rss_mb']:,.0f}",
+                        f"{row['growth_mb']:,.0f}"))
+    recall1 = row.get("recall@1", row.get("precision@1"))
+    value_rows.append((shape, row["impl"], f"{recall1:.6f}", value(row, "r_precision"), value(row, "map@r"),
+                       value(row, "nmi", 4), value(row, "f1", 4)))
+  ks = ", ".join(str(k) for k in overrides.get("recall_ks", CASES[args.cases[0]]["recall_ks"]))
+  body = common.stamp_lines(stamp) + [
+      "",
+      f"Synthetic L2-normalised embeddings (seed 0; class centres x 0.45 plus unit Gaussian noise), one subprocess "
+      f"per implementation. ours_auto = dml_jax.eval with backend 'auto' (FAISS on a CPU machine), ours_jax = "
+      f"backend 'jax' (chunked JAX kNN and k-means, the GPU path without faiss-gpu), pml = pytorch-metric-learning "
+      f"AccuracyCalculator(k='max_bin_count') on CPU. Ours computes Recall@{{{ks}}}, precision@1, R-Precision, "
+      f"MAP@R, NMI and F1; pml precision@1, R-Precision, MAP@R and NMI. k-means niter {args.niter}. First = the "
+      f"first run (JAX compiles then); steady = {args.repeats} more runs, min / median / max wall s (mean CPU s).",
+      "",
+      *common.table(["case", "impl", "retrieval: first s", "retrieval: steady s", "clustering: first s",
+                     "clustering: steady s", "peak RSS MB", "growth MB"], timing_rows, "llrrrrrr"),
+      "",
+      "Metric values (the same embeddings for every implementation):",
+      "",
+      *common.table(["case", "impl", "recall@1 = P@1", "R-Precision", "MAP@R", "NMI", "F1"], value_rows, "llrrrrr"),
+  ]
+  common.write_section(args.out, "Evaluation metrics: time and peak memory (dml_jax vs pytorch-metric-learning)", body)
 
 
 if __name__ == "__main__":

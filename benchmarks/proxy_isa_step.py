@@ -18,6 +18,7 @@ step over --steps timed steps after --warmup untimed ones (compilation included 
 
   python benchmarks/proxy_isa_step.py --out docs/benchmarks/proxy_isa.md
   python benchmarks/proxy_isa_step.py --classes 100 11318 --memory 55000 --batch 128 --steps 5
+  python benchmarks/proxy_isa_step.py --quick      # tiny sizes: checks that it runs (CI)
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def run_torch(batch: int, dim: int, classes: int, memory: int, steps: int, warmu
     ref.memory.labels = torch.tensor(d["memory_labels"], dtype=torch.long)
     on = variant == "isa_on"
     labels = torch.tensor(d["labels"], dtype=torch.long)
-    times = []
+    times, t_warm = [], time.perf_counter()
     for i in range(warmup + steps):
       x = torch.tensor(d["x"], requires_grad=True)
       proxies = torch.tensor(d["proxies"], requires_grad=True)
@@ -147,31 +148,12 @@ def run_torch(batch: int, dim: int, classes: int, memory: int, steps: int, warmu
         torch.cuda.synchronize()
       if i >= warmup:
         times.append(time.perf_counter() - t)
+      elif i == warmup - 1:
+        results[f"{variant}_warmup_s"] = time.perf_counter() - t_warm
     results[variant] = _stats(times)
   results["device"] = device
   results["versions"] = f"torch {torch.__version__}"
   return results
-
-
-def _git_commit() -> str:
-  try:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                            check=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                           text=True).stdout.strip()
-    return commit + (" (with uncommitted changes)" if dirty else "")
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
-
-
-def _machine() -> str:
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores ({cpu})"
 
 
 def main() -> None:
@@ -184,15 +166,24 @@ def main() -> None:
   parser.add_argument("--warmup", type=int, default=1)
   parser.add_argument("--impls", nargs="+", default=["ours", "torch"], choices=["ours", "torch"])
   parser.add_argument("--out", default="", help="write a markdown report here (else print it)")
+  parser.add_argument("--quick", action="store_true", help="C 20, T 200, B 16, E 32, 2 steps (CI)")
   parser.add_argument("--_child", default="", help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.quick and not args._child:
+    args.classes, args.memory, args.batch, args.dim, args.steps = [20], 200, 16, 32, 2
+    try:
+      import torch  # noqa: F401  (the re-creation is torch)
+    except ImportError:
+      args.impls = [i for i in args.impls if i != "torch"]
   if args._child:
     impl, classes = args._child.split(":")
     fn = run_ours if impl == "ours" else run_torch
     print("RESULT " + json.dumps(fn(args.batch, args.dim, int(classes), args.memory, args.steps, args.warmup)))
     return
 
-  command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
+  from benchmarks import common
+
+  doc_stamp = common.stamp()
   load_before = os.getloadavg()
   started = datetime.datetime.now(datetime.UTC)
   rows = []
@@ -215,25 +206,24 @@ def main() -> None:
   versions = [f"Python {platform.python_version()}", f"numpy {numpy.__version__}"]
   versions += sorted({r["versions"] for _, _, r in rows})
   lines = ["# Proxy-ISA step: the memory's cost, dml_jax vs the torch re-creation", "",
-           f"Date: {started:%Y-%m-%d %H:%M} UTC. Commit: {_git_commit()}. Machine: {_machine()}. "
-           f"Devices: " + "; ".join(sorted({f'{impl} on {r["device"]}' for _, impl, r in rows})) + ". "
-           f"Versions: {', '.join(versions)}.", "",
-           f"Load average (1, 5, 15 min) before: {load_before[0]:.2f}, {load_before[1]:.2f}, {load_before[2]:.2f}; "
-           f"after: {load_after[0]:.2f}, {load_after[1]:.2f}, {load_after[2]:.2f}.", "",
-           f"Command: `{command}`", ""]
+           *common.stamp_lines(doc_stamp, load_after[0]),
+           "- devices: " + "; ".join(sorted({f'{impl} on {r["device"]}' for _, impl, r in rows}))
+           + f" ({', '.join(versions)}); started {started:%H:%M} UTC", ""]
   if max(load_before[0], load_after[0]) > (os.cpu_count() or 1):
     lines += ["**Measured under load** (the 1-minute load average exceeded the core count): the times are "
               "inflated and noisy; compare rows of this table, not runs.", ""]
   lines += [f"B = {args.batch}, E = {args.dim}, T = {args.memory} (a full queue), V 100, k 0.9, lambda 0.1, h 0.15. "
             f"Time per step (loss, gradients to embeddings and proxies, state update), {args.steps} timed steps "
             f"after {args.warmup} untimed (compilation there), min / median / max:", "",
-            "| C | implementation | variant | min (ms) | median (ms) | max (ms) |", "|---:|---|---|---:|---:|---:|"]
+            "| C | implementation | variant | warm-up s (compile) | min (ms) | median (ms) | max (ms) |",
+            "|---:|---|---|---:|---:|---:|---:|"]
   for classes, impl, result in rows:
     for variant in ("pa", "isa_off", "isa_on"):
       if variant in result:
         s = result[variant]
-        lines.append(f"| {classes:,} | {impl} | {variant} | {s['min'] * 1e3:.1f} | {s['median'] * 1e3:.1f} | "
-                     f"{s['max'] * 1e3:.1f} |")
+        warm = result.get(f"{variant}_warmup_s")
+        lines.append(f"| {classes:,} | {impl} | {variant} | {'-' if warm is None else f'{warm:.2f}'} | "
+                     f"{s['min'] * 1e3:.1f} | {s['median'] * 1e3:.1f} | {s['max'] * 1e3:.1f} |")
   lines += ["", "Variants: `pa` Proxy-Anchor's loss and gradients (ours; the [B, C] cost every proxy loss pays), "
             "`isa_off` Proxy-ISA before `start_epoch` (weights, counts), `isa_on` with the memory and the filter "
             "(enqueue, S from all T rows)."]

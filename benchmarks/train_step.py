@@ -39,6 +39,11 @@ same on a tiny ViT).
 
 --trace DIR runs one more step of each implementation under jax.profiler / torch.profiler and prints the
 time per op, summed over threads (XLA: HLO instruction with the jax op it came from; torch: aten op).
+
+--out FILE writes the markdown section of docs/benchmarks.md (stamp, table, the paired ratio in words).
+--quick runs every model at tiny sizes (64 px, 2 ViT blocks, one bottleneck per ResNet stage, VPTSP prompts
+in 2 blocks, batch 4, 2 rounds): it checks that the benchmark runs, its figures mean nothing. The exit status
+is 1 when any model fails.
 """
 
 from __future__ import annotations
@@ -46,13 +51,10 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import datetime
 import glob
 import json
 import os
-import platform
 import re
-import shlex
 import statistics
 import subprocess
 import sys
@@ -71,6 +73,12 @@ NUM_CLASSES = 100
 EMBEDDING = 512
 LR = 1e-4
 _BIG_FUSION = 32  # operands; ViT-S/16 step: up to 180 when XLA recomputed the backward chain, 15 without
+# --quick: tiny versions of every model (set in the child from its flag), so that CI runs the whole benchmark.
+QUICK = dict(enabled=False, image_size=64, vit_depth=2, resnet_layers=(1, 1, 1, 1))
+
+
+def image_size() -> int:
+  return QUICK["image_size"] if QUICK["enabled"] else 224
 
 
 @dataclasses.dataclass
@@ -100,6 +108,11 @@ def _vptsp_cars_config():
   spec.loader.exec_module(module)
   c = module.get_config()
   c.model.weights = ""
+  if QUICK["enabled"]:
+    c.dataset.image_size = QUICK["image_size"]
+    c.model.backbone_overrides.img_size = QUICK["image_size"]
+    c.model.backbone_overrides.depth = QUICK["vit_depth"]
+    c.method.prompt_depth = c.method.class_prompt_depth = QUICK["vit_depth"]
   return c
 
 
@@ -118,6 +131,12 @@ def _ours_config(model: str, batch: int, dtype: str, depth: int | None = None):
     c.model.backbone = MODELS[model]["ours"]
     c.model.embedding_dim = EMBEDDING
     c.optim.lr = LR
+  if QUICK["enabled"]:
+    c.dataset.image_size = QUICK["image_size"]
+    if MODELS[model]["head"] == "gap_gmp_linear":
+      c.model.backbone_overrides.layers = QUICK["resnet_layers"]
+    else:
+      c.model.backbone_overrides.depth = QUICK["vit_depth"]
   if depth is not None:
     c.model.backbone_overrides.depth = depth
   c.compute_dtype = dtype
@@ -150,7 +169,8 @@ def make_ours(model: str, batch: int, dtype: str, depth: int | None = None) -> I
     labels = np.repeat(rng.choice(NUM_CLASSES, batch // k, replace=False), k)
   else:
     labels = rng.integers(0, NUM_CLASSES, size=batch)
-  data = step_lib.shard_batch({"image": rng.normal(size=(batch, 224, 224, 3)).astype(np.float32),
+  size = image_size()
+  data = step_lib.shard_batch({"image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
                                "label": labels.astype(np.int32)}, mesh)
   lrs, epoch = step_lib.learning_rate_args(phase, 0)
   lowered = cache.update_fn(phase, 0).lower(state, data, lrs, epoch)
@@ -181,7 +201,11 @@ def make_torch(model: str, batch: int, dtype: str) -> Impl:
   if device == "cpu":
     torch.set_num_threads(os.cpu_count())
   torch.manual_seed(0)
-  net = timm.create_model(MODELS[model]["timm"], pretrained=False, num_classes=0).to(device).train()
+  tiny = {}
+  if QUICK["enabled"]:
+    tiny = (dict(layers=list(QUICK["resnet_layers"])) if MODELS[model]["head"] == "gap_gmp_linear"
+            else dict(img_size=QUICK["image_size"], depth=QUICK["vit_depth"]))
+  net = timm.create_model(MODELS[model]["timm"], pretrained=False, num_classes=0, **tiny).to(device).train()
   feat_dim = net.num_features
   head = torch.nn.Linear(feat_dim, EMBEDDING).to(device)
   torch.nn.init.kaiming_normal_(head.weight, mode="fan_out")
@@ -191,7 +215,7 @@ def make_torch(model: str, batch: int, dtype: str) -> Impl:
                            {"params": criterion.parameters(), "lr": LR * 100}], lr=LR, weight_decay=1e-4)
   is_cnn = MODELS[model]["head"] == "gap_gmp_linear"
   rng = np.random.default_rng(0)
-  images = torch.tensor(rng.normal(size=(batch, 3, 224, 224)).astype(np.float32), device=device)
+  images = torch.tensor(rng.normal(size=(batch, 3, image_size(), image_size())).astype(np.float32), device=device)
   labels = torch.tensor(rng.integers(0, NUM_CLASSES, size=batch), device=device)
   autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
@@ -232,7 +256,8 @@ def make_torch_vptsp(batch: int, dtype: str) -> Impl:
   if device == "cpu":
     torch.set_num_threads(os.cpu_count())
   torch.manual_seed(0)
-  vit = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0).to(device).train()
+  tiny = dict(img_size=QUICK["image_size"], depth=QUICK["vit_depth"]) if QUICK["enabled"] else {}
+  vit = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, **tiny).to(device).train()
   dim, emb_dim, k = vit.embed_dim, r["embed"], r["k"]
   trainable = []
   for name, p in vit.named_parameters():
@@ -256,7 +281,7 @@ def make_torch_vptsp(batch: int, dtype: str) -> Impl:
   opt = torch.optim.AdamW(main, lr=r["lr"], weight_decay=r["decay"])
   p_opt = torch.optim.AdamW([bias], lr=r["lr_proxy"], weight_decay=r["decay"])
   rng = np.random.default_rng(0)
-  images = torch.tensor(rng.normal(size=(batch, 3, 224, 224)).astype(np.float32), device=device)
+  images = torch.tensor(rng.normal(size=(batch, 3, image_size(), image_size())).astype(np.float32), device=device)
   labels = torch.tensor(np.repeat(rng.choice(NUM_CLASSES, batch // k, replace=False), k), device=device)
   autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
@@ -434,7 +459,8 @@ def trace_ours(impl: Impl, out_dir: str, top: int) -> list[tuple[str, float, int
   print("  ours: largest single HLO ops:")
   for op, seconds in totals.most_common(top):
     print(f"    {seconds:8.3f} s  x{calls[op]:<3d} {op}  ({sources.get(op, '?')})")
-  return [(op, s, calls[op]) for op, s in totals.most_common()]
+  return dict(total_s=sum(totals.values()), by_source=by_source.most_common(top),
+              ops=[(op, s, calls[op]) for op, s in totals.most_common(top)])
 
 
 def trace_torch(impl: Impl, top: int) -> list[tuple[str, float, int]]:
@@ -447,22 +473,29 @@ def trace_torch(impl: Impl, top: int) -> list[tuple[str, float, int]]:
   print(f"  torch: {sum(r[1] for r in rows):.3f} s self CPU time in ops; largest:", flush=True)
   for key, seconds, count in rows[:top]:
     print(f"    {seconds:8.3f} s  x{count:<3d} {key}")
-  return rows
+  return dict(total_s=sum(r[1] for r in rows), ops=rows[:top])
 
 
 # -- the side-by-side child and the driver ------------------------------------------------------------------
 
 def _child(args) -> None:
+  QUICK["enabled"] = args.quick
   model, impls = args.model, args.impls
   load_before = os.getloadavg()
   built: dict[str, Impl] = {}
+  startup: dict[str, dict] = {}
   for impl in impls:
     t0 = time.perf_counter()
     built[impl] = (make_ours(model, args.batch, args.dtype) if impl == "ours"
                    else make_torch(model, args.batch, args.dtype))
+    build_s = time.perf_counter() - t0  # ours: tracing and XLA compilation (ahead of time) included
+    warm = []
     for _ in range(args.warmup):
+      t = time.perf_counter()
       built[impl].step()
+      warm.append(time.perf_counter() - t)
     built[impl].warmup_s = time.perf_counter() - t0  # build + compile + warm-up steps
+    startup[impl] = dict(build_s=build_s, warmup_steps_s=warm)
   rounds = []
   for _ in range(args.steps):  # A-B-A-B: one step of each implementation per round
     row = {}
@@ -473,8 +506,8 @@ def _child(args) -> None:
     row["load1"] = os.getloadavg()[0]
     rounds.append(row)
   result = dict(model=model, load_before=load_before, load_after=os.getloadavg(), rounds=rounds,
-                impls={name: dict(device=i.device, versions=i.versions, trainable=i.trainable, warmup_s=i.warmup_s)
-                       for name, i in built.items()})
+                impls={name: dict(device=i.device, versions=i.versions, trainable=i.trainable, warmup_s=i.warmup_s,
+                                  **startup[name]) for name, i in built.items()})
   if args.hlo_report and "ours" in built:
     result["hlo"] = hlo_report(model, args.batch, args.dtype, args.hlo_report, built["ours"])
   if args.trace:
@@ -488,35 +521,6 @@ def _child(args) -> None:
   print(f"RESULT {json.dumps(result)}", flush=True)
 
 
-def _stamp(argv: list[str]) -> dict:
-  from importlib import metadata
-
-  def version(pkg: str) -> str:
-    try:
-      return metadata.version(pkg)
-    except metadata.PackageNotFoundError:
-      return "-"
-
-  def git(*cmd: str) -> str:
-    try:
-      return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-      return "?"
-
-  cpu = "?"
-  if os.path.exists("/proc/cpuinfo"):
-    with open("/proc/cpuinfo") as f:
-      cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "?")
-  return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              commit=git("rev-parse", "--short", "HEAD") + (" (modified)" if git("status", "--porcelain",
-                                                                                  "--untracked-files=no") else ""),
-              command=" ".join(shlex.quote(a) for a in [sys.executable] + argv),
-              python=platform.python_version(), machine=f"{platform.machine()}, {os.cpu_count()} CPUs, {cpu}",
-              versions={p: version(p) for p in ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "timm",
-                                                 "pytorch-metric-learning")},
-              xla_flags=os.environ.get("XLA_FLAGS", ""))
-
-
 def _summary(result: dict, batch: int, dtype: str) -> list[dict]:
   rows = []
   rounds = result["rounds"]
@@ -526,6 +530,7 @@ def _summary(result: dict, batch: int, dtype: str) -> list[dict]:
     rows.append(dict(model=result["model"], impl=name, batch=batch, dtype=dtype, min_s=min(times), median_s=median,
                      max_s=max(times), images_per_s=batch / median,
                      cpu_s_per_step=statistics.mean(r[name]["cpu_s"] for r in rounds), warmup_s=info["warmup_s"],
+                     build_s=info.get("build_s"), first_step_s=(info.get("warmup_steps_s") or [None])[0],
                      loss=rounds[-1][name]["loss"], device=info["device"], versions=info["versions"],
                      trainable=info["trainable"]))
   return rows
@@ -543,18 +548,34 @@ def main() -> None:
   p.add_argument("--hlo-report", default="", metavar="DIR", help="write our optimised HLO and its fusion statistics")
   p.add_argument("--trace", default="", metavar="DIR", help="per-op trace of one more step of each implementation")
   p.add_argument("--trace-top", type=int, default=25, help="ops listed per trace")
+  p.add_argument("--quick", action="store_true",
+                 help="tiny models (64 px, 2 blocks / 1 bottleneck per stage), batch 4, 2 rounds: checks that it runs")
+  p.add_argument("--out", default="", metavar="FILE", help="write the markdown section (docs/benchmarks/...) here")
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--model", help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.child:
     _child(args)
     return
+  if args.quick:
+    given = set(sys.argv[1:])
+    args.batch = args.batch if "--batch" in given else 4
+    args.steps = args.steps if "--steps" in given else 2
+    args.warmup = args.warmup if "--warmup" in given else 1
+    if "--impls" not in given:
+      try:
+        import timm  # noqa: F401  (torch side only where the parity extra is installed)
+      except ImportError:
+        args.impls = ["ours"]
 
-  stamp = _stamp(sys.argv)
+  from benchmarks import common
+
+  stamp = common.stamp()
   print(f"train_step benchmark, {stamp['date']}, commit {stamp['commit']}\n  command: {stamp['command']}\n"
         f"  {stamp['machine']}; python {stamp['python']}; "
         + ", ".join(f"{k} {v}" for k, v in stamp["versions"].items())
         + (f"; XLA_FLAGS={stamp['xla_flags']}" if stamp["xla_flags"] else ""), flush=True)
+  failed = []
   env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
   # Both stacks share one GPU in a child: jax must not grab 75 % of its memory up front.
   env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -563,13 +584,16 @@ def main() -> None:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--model", model, "--impls", *args.impls,
            "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup), "--dtype",
            args.dtype, "--hlo-report", args.hlo_report, "--trace", args.trace, "--trace-top", str(args.trace_top)]
+    if args.quick:
+      cmd.append("--quick")
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout.splitlines():
       if not line.startswith("RESULT "):
         print(line)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if proc.returncode:
-      print(f"{model} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+    if proc.returncode or not lines:
+      print(f"{model} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
+      failed.append(model)
     if not lines:
       continue
     result = json.loads(lines[-1][len("RESULT "):])
@@ -599,6 +623,82 @@ def main() -> None:
   if args.json:
     with open(args.json, "w") as f:
       json.dump(dict(meta=stamp, rows=rows, results=results), f, indent=2)
+  if args.out or args.quick:
+    common.write_section(args.out or None, "Training step: dml_jax against PyTorch (timm), side by side",
+                         markdown(stamp, args, rows, results, failed))
+  if failed:
+    raise SystemExit(f"failed: {', '.join(failed)}")
+
+
+_TITLES = {"vit_s16": "ViT-S/16, full fine-tuning (Proxy-Anchor)",
+           "resnet50": "ResNet-50, full fine-tuning (Proxy-Anchor)",
+           "vit_s16_vptsp": "ViT-S/16, VPTSP-G prompt tuning (Cars196 ViT-S recipe)"}
+
+
+def markdown(stamp: dict, args, rows: list[dict], results: list[dict], failed: list[str]) -> list[str]:
+  """The docs section: stamp, one row per (model, implementation), and the paired ratio said in words."""
+  from benchmarks import common
+
+  size = "64 px, tiny models (--quick: the figures only show that it runs)" if args.quick else "224 px"
+  by_model = {r["model"]: r for r in results}
+  table_rows, sentences = [], []
+  for row in rows:
+    result = by_model[row["model"]]
+    times = [r[row["impl"]]["s"] for r in result["rounds"]]
+    ratio = ""
+    if row["impl"] == "ours" and {"ours", "torch"} <= set(result["impls"]):
+      ratios = [r["ours"]["s"] / r["torch"]["s"] for r in result["rounds"]]
+      lo, mid, hi = common.spread(ratios)
+      ratio = f"{mid:.2f}x ({lo:.2f}-{hi:.2f})"
+      verdict = (f"ours is **slower**: {mid:.2f}x torch's step time" if mid > 1.05 else
+                 f"ours is faster: {mid:.2f}x torch's step time" if mid < 0.95 else
+                 f"ours and torch are level ({mid:.2f}x)")
+      torch_row = next(r for r in rows if r["model"] == row["model"] and r["impl"] == "torch")
+      sentences.append(f"- {_TITLES[row['model']]}: {verdict} (paired median over {len(ratios)} rounds, "
+                       f"range {lo:.2f}-{hi:.2f}; CPU seconds per step {row['cpu_s_per_step']:.2f} ours against "
+                       f"{torch_row['cpu_s_per_step']:.2f} torch).")
+    per_round = [r["load1"] for r in result["rounds"]]
+    table_rows.append((_TITLES[row["model"]], row["impl"], f"{row['trainable']:,}" if row["trainable"] else "-",
+                       f"{row['build_s']:.1f}" if row.get("build_s") is not None else "-",
+                       f"{row['first_step_s']:.2f}" if row.get("first_step_s") is not None else "-",
+                       common.fmt_spread(times, 3), f"{row['images_per_s']:.2f}", f"{row['cpu_s_per_step']:.2f}", ratio,
+                       f"{result['load_before'][0]:.1f} -> {result['load_after'][0]:.1f} "
+                       f"({min(per_round):.1f}-{max(per_round):.1f})"))
+  body = common.stamp_lines(stamp) + [
+      "",
+      f"Proxy-Anchor full fine-tuning and VPTSP-G prompt tuning at {size}, batch {args.batch}, {args.dtype}, random "
+      f"images and initialisation; both implementations built in one child process per model and timed A-B-A-B "
+      f"({args.warmup} untimed warm-up step(s) each, then {args.steps} rounds of one step of each). Build = "
+      f"constructing the step (for ours: tracing and XLA compilation, ahead of time); first step = the first warm-up "
+      f"step (allocation, first-touch); the steady state is the rounds: min / median / max seconds per step, images/s "
+      f"at the median, mean process CPU seconds per step (all threads; the steadier figure on a shared machine). "
+      f"ours / torch = median over rounds of the per-round ratio of step times (paired, so robust to load drift).",
+      "",
+      *common.table(["model", "impl", "trainable params", "build s", "first step s", "s/step min / median / max",
+                     "images/s", "CPU s/step", "ours / torch", "load before -> after (per round)"], table_rows,
+                    "llrrrrrrrl"),
+  ]
+  if sentences:
+    body += ["", "In words:", "", *sentences]
+  for result in results:  # --trace: where the time of one step goes
+    title = _TITLES[result["model"]]
+    if "trace_ours" in result:
+      t = result["trace_ours"]
+      body += ["", f"Profile of one step of ours, {title} (jax.profiler, seconds summed over threads, "
+               f"{t['total_s']:.2f} s in HLO ops), by HLO kind <- the jax op it came from:", "",
+               *common.table(["seconds", "share", "HLO op kind <- jax op"],
+                             [(f"{sec:.3f}", f"{sec / t['total_s']:.0%}", f"`{src}`") for src, sec in
+                              t["by_source"][:8]], "rrl")]
+    if "trace_torch" in result:
+      t = result["trace_torch"]
+      body += ["", f"Profile of one step of torch, {title} (torch.profiler, self CPU seconds, {t['total_s']:.2f} s "
+               f"in ops):", "",
+               *common.table(["seconds", "share", "calls", "aten op"],
+                             [(f"{sec:.3f}", f"{sec / t['total_s']:.0%}", n, f"`{op}`") for op, sec, n in
+                              t["ops"][:8]], "rrrl")]
+  if failed:
+    body += ["", f"**Failed:** {', '.join(failed)} (see the run's stderr)."]
+  return body
 
 
 if __name__ == "__main__":

@@ -122,6 +122,25 @@ def _background_work() -> bool:
   return threading.active_count() > 1 or bool(multiprocessing.active_children())
 
 
+class _BackgroundErrorFilter:
+  """Drops orbax's log of an exception in one of its background threads: the main thread re-raises the same
+  exception, which `report` turns into the one line (a disk-full save otherwise prints that thread's traceback
+  before it, and a second one at interpreter shutdown)."""
+
+  def filter(self, record) -> bool:
+    path = record.pathname.replace("\\", "/")
+    return not (record.levelno >= 40 and "/orbax/checkpoint/" in path and "/futures/" in path)
+
+
+def quiet_background_errors(debug: bool = False) -> None:
+  """Installs `_BackgroundErrorFilter` on absl's logger (orbax logs through absl), unless `debug`."""
+  import logging  # pylint: disable=import-outside-toplevel
+
+  logger = logging.getLogger("absl")
+  if not debug and not any(isinstance(f, _BackgroundErrorFilter) for f in logger.filters):
+    logger.addFilter(_BackgroundErrorFilter())
+
+
 def run(fn: Callable[[], Any], *, debug: bool = False) -> int:
   """Calls fn() and returns the process exit status (see the module docstring); bugs propagate.
 

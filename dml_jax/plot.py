@@ -52,7 +52,8 @@ _NOT_METRICS = ("kind", "step", "epoch", "time", "split", "checkpoint")
 
 @dataclasses.dataclass
 class RunLog:
-  """metrics.jsonl, de-duplicated: a resumed run may log steps twice, and the later row counts.
+  """metrics.jsonl, de-duplicated: the trainer rewinds the log on a resume (each step once), but a log written by
+  an older version or joined by hand may hold a step twice; the later row counts.
 
   Attributes:
     train: training rows in step order ({'step', 'epoch', 'loss', 'lr/<group>', ...}).

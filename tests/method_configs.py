@@ -14,6 +14,8 @@ from dml_jax.train.config import default_config
 
 TINY_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)
 TINY_RESNET = dict(layers=(1, 1), channels=(8, 16), stem_width=8)
+# DFML splits the heads and MLP units into 3 sub-blocks: width 48, 6 heads (DeiT-S's 2 heads per sub-block).
+TINY_DEIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=6, distilled=True)
 
 
 def _base(method: str) -> ml_collections.ConfigDict:
@@ -68,6 +70,21 @@ def vptsp() -> ml_collections.ConfigDict:
   return c
 
 
+def dfml() -> ml_collections.ConfigDict:
+  """DFML on a tiny factorized DeiT: the ViT waits one epoch, the routers train from the start (the authors'
+  DataParallel warm-up), proxies at 100x."""
+  c = _base("dfml")
+  c.model.backbone = "deit_small_distilled_patch16_224"
+  c.model.backbone_overrides = ml_collections.ConfigDict(TINY_DEIT)
+  c.model.embedding_dim = 48
+  c.optim.optimizer = "adamw"
+  c.optim.clip_value = 10.0
+  c.optim.groups = (("@routers", dict(name="routers")),
+                    ("loss/.*", dict(name="proxies", lr_mult=100.0)),
+                    ("model/.*", dict(name="model", start_epoch=1)))
+  return c
+
+
 def divide_and_conquer() -> ml_collections.ConfigDict:
   """D&C's recipe on a tiny ResNet: Adam with coupled L2, backbone frozen on even epochs, masks x100."""
   c = _base("divide_and_conquer")
@@ -119,5 +136,5 @@ def dada() -> ml_collections.ConfigDict:
   return c
 
 
-TINY_CONFIGS = {"dada": dada, "divide_and_conquer": divide_and_conquer, "metric_loss": metric_loss,
+TINY_CONFIGS = {"dada": dada, "dfml": dfml, "divide_and_conquer": divide_and_conquer, "metric_loss": metric_loss,
                 "proxy_isa": proxy_isa, "vptsp": vptsp}

@@ -280,3 +280,40 @@ def test_variants_and_tags_carry_timms_pretrained_cfgs(ref, name):
   assert arch.get("distilled", False) == bool(expected["distilled"])
   with pytest.raises(KeyError, match="known tags"):
     get_pretrained_cfg(f"{name}.no_such_tag")
+
+
+def _layer_norm_reference(x: np.ndarray, scale: np.ndarray, bias: np.ndarray, dy: np.ndarray, eps: float = 1e-6):
+  """torch's LayerNorm written out in float64: y, and dx, d_scale, d_bias of sum(y * dy)."""
+  x, scale, bias, dy = (np.asarray(a, np.float64) for a in (x, scale, bias, dy))
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)  # the biased variance of the centred values
+  rstd = 1.0 / np.sqrt(var + eps)
+  xhat = (x - mean) * rstd
+  g = dy * scale
+  dx = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+  return xhat * scale + bias, dx, (dy * xhat).reshape(-1, x.shape[-1]).sum(0), dy.reshape(-1, x.shape[-1]).sum(0)
+
+
+def test_layer_norm_keeps_its_digits_at_large_activations():
+  # Tokens whose mean is hundreds of times their spread (large residual streams): the one-pass variance
+  # E[x^2] - E[x]^2 cancels catastrophically in float32 (up to 4 % off here), while the two-pass form torch
+  # uses stays within ~2e-7; at unit-scale inputs the two agree to ~1e-7, which is why the parity tests above
+  # cannot tell them apart.
+  rng = np.random.default_rng(0)
+  d = 96
+  spread, offset = rng.uniform(0.5, 2.0, (3, 5, 1)), rng.uniform(200.0, 500.0, (3, 5, 1))
+  x = (rng.standard_normal((3, 5, d)) * spread + offset).astype(np.float32)
+  scale = (1.0 + 0.3 * rng.standard_normal(d)).astype(np.float32)
+  bias = (0.1 * rng.standard_normal(d)).astype(np.float32)
+  dy = rng.standard_normal(x.shape).astype(np.float32)
+  norm = vit_module.LayerNorm(d, dtype=None, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  norm.scale[...], norm.bias[...] = jnp.asarray(scale), jnp.asarray(bias)
+  y, vjp = jax.vjp(lambda v, s, b: vit_module._layer_norm_fn(v, s, b, 1e-6), jnp.asarray(x), norm.scale[...],
+                   norm.bias[...])
+  want_y, want_dx, want_ds, want_db = _layer_norm_reference(x, scale, bias, dy)
+  np.testing.assert_allclose(np.asarray(norm(jnp.asarray(x))), want_y, atol=2e-4)
+  np.testing.assert_allclose(np.asarray(y), want_y, atol=2e-4)
+  dx, ds, db = vjp(jnp.asarray(dy))
+  np.testing.assert_allclose(np.asarray(dx), want_dx, atol=2e-4 * np.abs(want_dx).max())
+  np.testing.assert_allclose(np.asarray(ds), want_ds, atol=2e-4 * np.abs(want_ds).max())
+  np.testing.assert_allclose(np.asarray(db), want_db, atol=1e-5 * np.abs(want_db).max())

@@ -77,8 +77,12 @@ def test_random_resized_crop_fallback_exact(ref, width, height):
   assert tuple(got) == tuple(expected[f"{width}x{height}"].tolist())
 
 
+# The last three sizes make the rounding visible: 199 x 300 resized to 256 gives a long side of 385.93, which
+# torchvision floors (int); 227 x 229 at resize 227 is left as it is and cropped to 224 at offsets 3 / 2 and
+# 5 / 2, which torchvision rounds half to even (2 and 2); 300 x 227 crops at 38.0 and 1.5 (1.5 rounds to 2).
 @pytest.mark.parametrize("size,resize,crop", [((300, 200), 256, 224), ((200, 301), 256, 224), ((256, 256), 256, 224),
-                                              ((90, 70), 256, 224), ((36, 50), 36, 32), ((50, 40), 32, 36)])
+                                              ((90, 70), 256, 224), ((36, 50), 36, 32), ((50, 40), 32, 36),
+                                              ((199, 300), 256, 224), ((227, 229), 227, 224), ((300, 227), 227, 224)])
 def test_eval_transform_matches_torchvision(ref, size, resize, crop):
   def compute():
     from torchvision import transforms as T
@@ -91,6 +95,22 @@ def test_eval_transform_matches_torchvision(ref, size, resize, crop):
   ours = _pixels(got)
   assert tuple(ours["shape"]) == tuple(expected["shape"])
   assert str(ours["sha256"]) == str(expected["sha256"]), "pixels differ from torchvision's Resize + CenterCrop"
+
+
+def test_resize_floors_and_center_crop_rounds_half_to_even():
+  # torchvision's formulas (transforms.functional._compute_resized_output_size: int(size * long / short);
+  # center_crop: int(round((H - S) / 2.0)), Python's round) at sizes where floor, round and round-half-up differ.
+  assert transforms.resized_shape(199, 300, 256) == (256, 385)  # 385.93: floored, not rounded to 386
+  assert transforms.resized_shape(300, 199, 256) == (385, 256)
+  assert transforms.resized_shape(203, 301, 224) == (224, 332)  # 332.14
+  rows, cols = np.meshgrid(np.arange(229), np.arange(227), indexing="ij")
+  grid = np.stack([rows, cols, np.zeros_like(rows)], axis=-1)  # each pixel holds its own (row, col)
+  for (height, width), (top, left) in {(229, 227): (2, 2),  # 2.5 -> 2 (half to even), 1.5 -> 2 (not floored)
+                                       (227, 229): (2, 2), (227, 227): (2, 2), (225, 228): (0, 2),
+                                       (226, 229): (1, 2)}.items():  # 0.5 -> 0, 2.0, 1.0, 2.5 -> 2
+    crop = transforms.center_crop(grid[:height, :width], 224)
+    assert crop.shape == (224, 224, 3)
+    assert (int(crop[0, 0, 0]), int(crop[0, 0, 1])) == (top, left), (height, width)
 
 
 @pytest.mark.parametrize("seed", range(6))

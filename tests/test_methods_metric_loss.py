@@ -87,6 +87,14 @@ def test_batchnorm_statistics_update_when_not_frozen():
   _, (_, new_state) = jax.jit(lambda p, s: _loss(method, p, s, batch))(params, state)
   changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(state))]
   assert all(changed)
+  # The stem's statistics after one training forward, torch's rule from the initial (0, 1) with momentum 0.1:
+  # mean = 0.1 * batch mean, var = 0.9 + 0.1 * unbiased batch variance, of the stem convolution's output.
+  stem = method.model.merge(params["model"], state["model"], train=False).backbone.conv1
+  y = np.asarray(stem(batch["image"]), np.float64)
+  n = y.size // y.shape[-1]
+  bn1 = new_state["model"]["backbone"]["bn1"]
+  np.testing.assert_allclose(np.asarray(bn1["mean"]), 0.1 * y.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(bn1["var"]), 0.9 + 0.1 * y.var(axis=(0, 1, 2)) * n / (n - 1), rtol=1e-5)
 
 
 def test_bfloat16_compute_keeps_float32_gradients():
@@ -119,3 +127,19 @@ def test_weights_that_do_not_fit_stop_with_the_key_list(tmp_path):
   method = methods.build(method_config(weights=str(tmp_path / "w")), num_classes=5)
   params, _ = method.init(jax.random.key(0))
   np.testing.assert_array_equal(params["model"]["backbone"]["pos_embed"], flat["pos_embed"])
+
+
+def test_auto_compute_dtype_is_float32_on_cpu_and_accepted_by_the_config_check():
+  # 'auto' (the VPTSP recipes: the authors trained with fp16 autocast) is bfloat16 on GPU/TPU only.
+  from dml_jax.methods import modeling
+  from dml_jax.train import config as config_lib
+
+  assert jax.default_backend() == "cpu" and modeling.compute_dtype("auto") is None
+  assert modeling.compute_dtype("bfloat16") == jnp.bfloat16
+  c = config_lib.default_config()
+  c.method = methods.method_config("metric_loss")
+  c.compute_dtype = "auto"
+  config_lib.check_config(c, num_devices=1)
+  c.compute_dtype = "float16"
+  with pytest.raises(config_lib.InvalidValueError, match="compute_dtype"):
+    config_lib.check_config(c, num_devices=1)

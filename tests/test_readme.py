@@ -28,6 +28,8 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 SKIPPED = {
     r"pytest -q$": "the test suite itself (.ci/run runs this command)",
     r"pytest -m parity": "needs the `parity` extra (torch, several GB); .ci/run runs this command",
+    r"tests/mutation_check\.py$": "runs parts of the test suite ~50 times (minutes); .ci/run runs this command",
+    r"benchmarks/run_all\.py --quick$": "every benchmark at tiny sizes (minutes); .ci/run runs this command",
     r"--model vit_base_patch16_224\.augreg_in21k --out": "downloads the weights through timm (network)",
     r"--model vit_small_patch16_224\.augreg_in21k --out weights/vit_s16$": "downloads the weights through timm "
                                                                           "(network); the AugReg .npz line of "

@@ -9,7 +9,6 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-import torch
 
 from dml_jax import pytree as tree_lib
 from dml_jax.methods import Method, Phase
@@ -149,7 +148,31 @@ def _run_linear_probe(cfg, grads, steps_per_epoch, selectors=None):
   return history, state, params
 
 
-def test_lr_cycle_keeps_adam_moments_running_like_torch_lr_zero():
+def _torch_lr_cycle_history(flat0, grads):
+  """torch.optim.Adam per group, the backbone's lr set to 0 on even epochs and the mask group dropped from
+  epoch 2, as D&C's code does; returns every parameter after every step as {"step{t}/{path}": array}."""
+  import torch
+  tp = {p: torch.nn.Parameter(torch.tensor(v)) for p, v in flat0.items()}
+  backbone = torch.optim.Adam([tp["model/backbone/w"]], lr=1e-2, weight_decay=1e-3)
+  head = torch.optim.Adam([tp["model/head/w"]], lr=1e-2, weight_decay=1e-3)
+  mask = torch.optim.Adam([tp["model/mask/w"]], lr=1e-1, weight_decay=1e-3)
+  history = {}
+  for t, g in enumerate(grads):
+    epoch = t // 2
+    backbone.param_groups[0]["lr"] = 0.0 if epoch % 2 == 0 else 1e-2
+    active = [backbone, head] + ([mask] if epoch < 2 else [])
+    for opt in active:
+      opt.zero_grad()
+    for p, v in tp.items():
+      if p != "model/mask/w" or epoch < 2:
+        v.grad = torch.tensor(g[p])
+    for opt in active:
+      opt.step()
+    history.update({f"step{t}/{p}": v.detach().numpy().copy() for p, v in tp.items()})
+  return history
+
+
+def test_lr_cycle_keeps_adam_moments_running_like_torch_lr_zero(ref):
   # D&C freezes the backbone on even epochs by setting its torch Adam lr to 0: the parameters stay put but
   # the moments and the step count still advance, so the odd epochs' steps differ from a masked freeze.
   rng = np.random.default_rng(5)
@@ -162,23 +185,10 @@ def test_lr_cycle_keeps_adam_moments_running_like_torch_lr_zero():
   ours, state, params0 = _run_linear_probe(cfg, grads, steps_per_epoch=2)
 
   flat0 = {p: np.asarray(v) for p, v in tree_lib.flatten(params0).items()}
-  tp = {p: torch.nn.Parameter(torch.tensor(v)) for p, v in flat0.items()}
-  backbone = torch.optim.Adam([tp["model/backbone/w"]], lr=1e-2, weight_decay=1e-3)
-  head = torch.optim.Adam([tp["model/head/w"]], lr=1e-2, weight_decay=1e-3)
-  mask = torch.optim.Adam([tp["model/mask/w"]], lr=1e-1, weight_decay=1e-3)
-  for t, g in enumerate(grads):
-    epoch = t // 2
-    backbone.param_groups[0]["lr"] = 0.0 if epoch % 2 == 0 else 1e-2
-    active = [backbone, head] + ([mask] if epoch < 2 else [])
-    for opt in active:
-      opt.zero_grad()
-    for p, v in tp.items():
-      if p != "model/mask/w" or epoch < 2:
-        v.grad = torch.tensor(g[p])
-    for opt in active:
-      opt.step()
-    for p, v in tp.items():
-      np.testing.assert_allclose(ours[t][p], v.detach().numpy(), rtol=2e-5, atol=2e-6, err_msg=f"step {t} {p}")
+  expected = ref("train_phases/lr_cycle_torch_adam", lambda: _torch_lr_cycle_history(flat0, grads))
+  for t in range(len(grads)):
+    for p in flat0:
+      np.testing.assert_allclose(ours[t][p], expected[f"step{t}/{p}"], rtol=2e-5, atol=2e-6, err_msg=f"step {t} {p}")
   # Epoch 0 (lr 0): the backbone is bit-identical although its moments moved.
   assert ours[1]["model/backbone/w"].tobytes() == flat0["model/backbone/w"].tobytes()
   # The mask group stopped at epoch 2: no optimizer state left, values unchanged since.

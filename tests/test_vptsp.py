@@ -79,15 +79,20 @@ def write_timm_weights(sd: dict[str, np.ndarray], out) -> str:
   return str(out)
 
 
-def _images(seed: int = 0) -> np.ndarray:
-  return np.random.RandomState(seed).randn(len(LABELS), 32, 32, 3).astype(np.float32)
+def _images(seed: int = 0, num: int = len(LABELS)) -> np.ndarray:
+  return np.random.RandomState(seed).randn(num, 32, 32, 3).astype(np.float32)
 
 
 # -- torch reference, from the authors' code ------------------------------------------------------------------
 
 
 def torch_reference(tm, flat: dict, semantic: np.ndarray, images: np.ndarray, labels: np.ndarray, opts: dict):
-  """Loss, new S and gradients of one VPTSP step (no dropout), as the official code computes them."""
+  """Loss, new S and gradients of one VPTSP step, as the official code computes them.
+
+  opts: k (samples per class), semantic_mix ('gru_relu' | 'gru' | 'mix'), alpha, keep (the EMA's lambda) and,
+  for the GRU, optional `masks`: k keep-masks [B/k, E] of the code's `nn.Dropout(rnn_dropout)` after each GRU
+  step (training mode: kept entries scaled by 1 / (1 - p)), with `dropout` = p.
+  """
   import torch
   import torch.nn.functional as F
 
@@ -138,8 +143,11 @@ def torch_reference(tm, flat: dict, semantic: np.ndarray, images: np.ndarray, la
       xj = per_class[:, j]
       z = torch.sigmoid(xj @ g["W_iz"] + h @ g["W_hz"] + g["b_iz"])
       r = torch.sigmoid(xj @ g["W_ir"] + h @ g["W_hr"] + g["b_ir"])
-      n = F.relu(xj @ g["W_in"] + r * (h @ g["W_hn"]) + g["b_in"])
+      pre = xj @ g["W_in"] + r * (h @ g["W_hn"]) + g["b_in"]
+      n = torch.tanh(pre) if opts["semantic_mix"] == "gru" else F.relu(pre)  # 'gru': the tanh candidate
       h = (1 - z) * n + z * h  # z keeps the old state (the code's convention)
+      if opts.get("masks") is not None:  # the cell's output dropout, every step, the injected mask
+        h = h * torch.from_numpy(np.asarray(opts["masks"][j], np.float32)) / (1 - opts["dropout"])
     pc = h
   container = container.clone()
   container[u] = pc
@@ -272,6 +280,66 @@ def test_loss_state_and_gradients_match_torch_reference(tiny, ref):
   # Absent classes get no class-prompt gradient; the bias O gets one on every row (negatives).
   assert np.all(ours["model/proxy_net/class_prompts/0"][[2, 4]] == 0)
   assert np.all(np.abs(ours["model/proxy_bias"]).sum(axis=1) > 0)
+
+
+# The semantic-proxy update in the recipes' other settings, each against the torch reference: the GRU's output
+# dropout (SOP-S and In-Shop-S: rnn_dropout 0.1, SOP-B 0.5) with masks injected into both sides, one sample per
+# class (k = 1: the SOP / In-Shop / iNaturalist samplers) and the tanh candidate (`semantic_mix='gru'`).
+GRU_CASES = {
+    "dropout_k2": dict(semantic_mix="gru_relu", labels=LABELS, k=K, dropout=0.5),
+    "dropout_k1": dict(semantic_mix="gru_relu", labels=np.array([0, 3, 1, 5, 2], np.int32), k=1, dropout=0.1),
+    "tanh_k2": dict(semantic_mix="gru", labels=LABELS, k=K, dropout=0.0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GRU_CASES))
+def test_gru_dropout_k1_and_tanh_match_torch_reference(tiny, ref, case, monkeypatch):
+  _, params, state, _, _, weights = tiny
+  o = GRU_CASES[case]
+  labels, k, p = o["labels"], o["k"], o["dropout"]
+  c = tiny_config(weights=weights, semantic_mix=o["semantic_mix"], rnn_dropout=p)
+  c.data.batch_size, c.data.samples_per_class = len(labels), k
+  method = methods.build(c, num_classes=CLASSES)
+  method.init(jax.random.key(0))
+  params, state = _seeded_method_values(params, state)
+  rows = len(labels) // k
+  # Keep-masks for the k GRU steps, from seeded numpy; both sides apply exactly these (the method's own draws are
+  # replaced), so the comparison checks that dropout acts after every step, with torch's 1 / (1 - p) scaling.
+  masks = np.random.default_rng(7).random((k, rows, EMBED)) >= p
+  if p > 0:
+    assert 0 < masks.mean() < 1
+    calls = iter(range(k))
+    monkeypatch.setattr(jax.random, "bernoulli", lambda key, keep, shape: jnp.asarray(masks[next(calls)]))
+  # Differentiated with respect to the GRU and the proxy bias only: the update under test is all after the
+  # towers, so the ViT's backward (and its compile) is not needed.
+  flat = tree_lib.flatten(params)
+  wrt = {n: v for n, v in flat.items() if "/gru/" in n or n == "model/proxy_bias"}
+  keys = tree_lib.key_index(params)
+  batch = {"image": jnp.asarray(_images(num=len(labels))), "label": jnp.asarray(labels)}
+
+  def loss_of(values):
+    loss, (_, new_state) = method.loss_fn(tree_lib.nest({**flat, **values}, keys), state, batch, jax.random.key(1),
+                                          StepInfo(jnp.int32(0), jnp.int32(0)))
+    return loss, new_state
+
+  (loss, new_state), grads = jax.jit(jax.value_and_grad(loss_of, has_aux=True))(wrt)
+  numpy_flat = {n: np.asarray(v) for n, v in flat.items()}
+
+  def compute():
+    tm = live.timm_vit(_tiny_sd(), **TINY)
+    ref_loss, ref_semantic, ref_grads = torch_reference(
+        tm, numpy_flat, np.asarray(state["semantic_proxies"]), _images(num=len(labels)), labels,
+        dict(k=k, semantic_mix=o["semantic_mix"], alpha=0.3, masks=masks if p > 0 else None, dropout=p))
+    return {"loss": ref_loss, "semantic": ref_semantic, **{f"grad:{n}": ref_grads[n] for n in wrt}}
+
+  expected = ref(f"vptsp/gru_{case}", compute)
+  np.testing.assert_allclose(float(loss), float(expected["loss"]), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(new_state["semantic_proxies"]), expected["semantic"], atol=2e-6)
+  for name, value in grads.items():
+    want = expected[f"grad:{name}"]
+    np.testing.assert_allclose(np.asarray(value), want, atol=2e-4 * max(np.abs(want).max(), 1e-8), rtol=1e-3,
+                               err_msg=name)
+  assert np.abs(expected["grad:model/proxy_net/gru/W_in"]).max() > 0
 
 
 def _timm_to_ours(name: str) -> str:

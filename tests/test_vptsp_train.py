@@ -107,6 +107,39 @@ def test_released_configs_equal_the_official_yaml_values():
   assert (cars_b.dataset.name, cars_b.model.backbone) == ("cars196", "vit_base_patch16_224.augreg_in21k")
 
 
+# Evaluation and augmentation of the official code (config/*.yaml `evaluation_metrics`, default list
+# e_recall@1,2,4,8 + nmi + f1 + mAP_R; In-Shop query/gallery Recall@1-50; the `base` augmentation: torchvision's
+# RandomResizedCrop(224) + flip, Resize(256) + CenterCrop(224), bilinear). iNaturalist adds R@16/32 (paper Table 3).
+OFFICIAL_EVAL = {
+    "cub200": (("recall", "nmi", "f1", "map@r"), (1, 2, 4, 8)),
+    "cars196": (("recall", "nmi", "f1", "map@r"), (1, 2, 4, 8)),
+    "sop": (("recall", "f1", "map@r"), (1, 10, 100)),
+    "inshop": (("recall",), (1, 10, 20, 30, 40, 50)),
+    "inaturalist": (("recall", "nmi", "f1", "map@r"), (1, 2, 4, 8, 16, 32)),
+}
+# Ren et al., ICLR 2024 (arXiv 2402.02340), Table 2 (R@1/2/4 CUB and Cars, R@1/10/100 SOP, R@1/10/20 In-Shop) and
+# Table 3 (iNaturalist, ViT-B/512: R@1/4/16/32): the figures each config's docstring quotes.
+PAPER = {
+    "vptsp_cub_vits": "86.6 / 91.7 / 94.8", "vptsp_cub_vitb": "88.5 / 92.8 / 95.1",
+    "vptsp_cars_vits": "87.7 / 93.3 / 96.1", "cars_vitb": "91.2 / 95.1 / 97.3",
+    "vptsp_sop_vits": "84.4 / 93.6 / 97.3", "vptsp_sop_vitb": "86.8 / 95.0 / 98.0",
+    "vptsp_inshop_vits": "91.2 / 97.6 / 98.4", "vptsp_inshop_vitb": "92.5 / 98.2 / 98.9",
+    "vptsp_inat_vitb": "84.5 / 92.5 / 96.4 / 97.5",
+}
+
+
+def test_released_configs_evaluate_and_augment_as_the_official_code():
+  assert sorted(PAPER) == sorted(OFFICIAL_YAML)
+  for name in sorted(OFFICIAL_YAML):
+    c = _load_config(os.path.join(CONFIG_DIR, f"{name}.py"))
+    metrics, ks = OFFICIAL_EVAL[c.dataset.name]
+    assert (tuple(c.eval.metrics), tuple(c.eval.options.recall_ks)) == (metrics, ks), name
+    assert (c.eval.select_on, c.eval.select_metric, c.eval.every_epochs) == ("test", "recall@1", 1), name
+    assert (c.dataset.image_size, c.dataset.resize_size, tuple(c.data.scale), c.data.flip) == (
+        224, 256, (0.08, 1.0), True), name
+    assert PAPER[name] in " ".join(open(os.path.join(CONFIG_DIR, f"{name}.py")).read().split()), name
+
+
 def _walk_eqns(jaxpr):
   for eqn in jaxpr.eqns:
     yield eqn
@@ -242,9 +275,16 @@ def test_digits_demo_recall_rises_and_the_vit_stays_frozen(tmp_path):
   summary = loop.fit(digits_config(weights), tmp_path / "run")
   before, after = summary["history"][0], summary["history"][-1]
   assert before["epoch"] == "before" and after["epoch"] == 3
-  # Measured on this machine: recall@1 0.830 -> 0.844, class-size MAP@R 0.186 -> 0.213.
-  assert after["recall@1"] > before["recall@1"] + 0.008, summary["history"]
-  assert after["map@r"] > before["map@r"] + 0.015, summary["history"]
+  # Measured on this machine: training loss 9.10 -> 7.40 (first and last logged, -19 %), class-size MAP@R
+  # 0.186 -> 0.213, recall@1 0.830 -> 0.844; the same run with every rate at 1e-12: loss 10.11 -> 9.96 (-1.5 %),
+  # MAP@R and recall@1 unchanged. A recall@1 threshold would sit within a few test images of the measured rise, so
+  # the learning check is on the loss (the 10 % bound lies well between the two runs) and on MAP@R (half the
+  # measured rise); recall@1 must not fall.
+  records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  losses = [r["loss"] for r in records if r["kind"] == "train"]
+  assert len(losses) >= 4 and losses[-1] < 0.9 * losses[0], losses
+  assert after["map@r"] > before["map@r"] + 0.0135, summary["history"]
+  assert after["recall@1"] >= before["recall@1"], summary["history"]
 
   # The frozen ViT weights of the last checkpoint are the converted file's, bit for bit; the biases moved.
   loaded = dict(np.load(weights / "params.npz"))

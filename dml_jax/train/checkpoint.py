@@ -17,8 +17,11 @@ manifest, whose steps are complete: 'last' and 'best' always agree with each oth
 longer names are deleted after it is written, and leftovers of a killed save at the next start.
 
 A restore verifies every array against its checksum. A damaged or unreadable step is reported by its path
-and the next newest committed step is used instead; if none is intact, the run stops with the paths.
-Checkpoints never execute pickles (orbax arrays, JSON).
+and the next newest committed step is used instead; if none is intact, the run stops with the paths. A
+training start (`restore(..., repair=True)`) then commits a manifest without the damaged steps and moves
+their folders to `checkpoints/damaged/` (kept for inspection, never read again), so that the resumed run
+can commit those step numbers anew; evaluation tools only read. Checkpoints never execute pickles (orbax
+arrays, JSON).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ LAST = "last"
 BEST = "best"
 MANIFEST_FILE = "manifest.json"
 STEPS_DIR = "steps"
+DAMAGED_DIR = "damaged"
 _FORMAT = "dml_jax.checkpoints/1"
 
 
@@ -75,8 +79,12 @@ def array_shapes(state: Any) -> dict[str, list]:
   return {path: [list(np.shape(x)), str(np.dtype(x.dtype))] for path, x in tree_lib.flatten(state).items()}
 
 
+def _tmp_name(path: pathlib.Path) -> str:
+  return f".{path.name}.tmp-"
+
+
 def _write_json_atomically(path: pathlib.Path, value: dict) -> None:
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  tmp = path.with_name(f"{_tmp_name(path)}{os.getpid()}")
   with open(tmp, "w") as f:
     json.dump(value, f, indent=1, sort_keys=True)
     f.flush()
@@ -87,6 +95,19 @@ def _write_json_atomically(path: pathlib.Path, value: dict) -> None:
     os.fsync(directory)  # the rename itself survives a power cut
   finally:
     os.close(directory)
+
+
+def has_committed_step(workdir: str | os.PathLike) -> bool:
+  """Whether `workdir` has a manifest naming a step (read only: creates nothing; a damaged manifest counts, so
+  that opening the checkpoints reports it)."""
+  path = pathlib.Path(workdir) / "checkpoints" / MANIFEST_FILE
+  try:
+    manifest = json.loads(path.read_text())
+  except FileNotFoundError:
+    return False
+  except (OSError, ValueError):
+    return True
+  return not isinstance(manifest, dict) or bool(manifest.get("last")) or manifest.get("best") is not None
 
 
 def _sync(name: str) -> None:
@@ -169,6 +190,8 @@ class Checkpoints:
       for entry in steps_dir.iterdir():
         if entry.is_dir() and not entry.name.isdigit():
           shutil.rmtree(entry, ignore_errors=True)
+    for entry in self.root.glob(_tmp_name(self.manifest_path) + "*"):  # a manifest never renamed into place
+      entry.unlink(missing_ok=True)
     self._manager.reload()
 
   def _delete(self, step: int) -> None:
@@ -201,6 +224,20 @@ class Checkpoints:
                 "best": self.manifest["best"]}
     if best is not None and self.keep_best:
       manifest["best"] = {**best, "step": step}
+    self._commit(manifest, step)
+
+  def mark_best(self, step: int, best: dict) -> None:
+    """Commits the committed 'last' step `step` as the best too, by the manifest alone (its data is on disk):
+    an evaluation that a signal postponed to the resumed run."""
+    if self.read_only:
+      raise RuntimeError("this Checkpoints object is read-only")
+    if int(step) not in self.manifest["last"]:
+      raise RuntimeError(f"step {step} is not a committed 'last' step of {self.root}")
+    if self.keep_best:
+      self._commit({**self.manifest, "best": {**best, "step": int(step)}}, int(step))
+
+  def _commit(self, manifest: dict, step: int) -> None:
+    """Writes `manifest` atomically (the commit), then deletes the step folders it no longer names."""
     if self.is_main:
       _write_json_atomically(self.manifest_path, manifest)
     _sync(f"dml_jax checkpoint {step}")
@@ -235,12 +272,14 @@ class Checkpoints:
         raise ValueError(f"checksum mismatch in {len(bad)} {name} array(s), e.g. {bad[:3]}")
     return restored.state, meta, restored.host if "host" in items else None
 
-  def restore(self, which: str, make_abstract: Callable[[dict], Any], *, echo: Callable[[str], None] = print
-              ) -> Restored:
+  def restore(self, which: str, make_abstract: Callable[[dict], Any], *, echo: Callable[[str], None] = print,
+              repair: bool = False) -> Restored:
     """The newest intact committed step of `which` ('last': the newest 'last' step, falling back to older
     committed steps; 'best': the best step, falling back to the newest 'last' ones), verified by checksum.
 
     make_abstract(meta) -> the ShapeDtypeStructs (with shardings) the state is restored into.
+    repair: when steps were passed over as damaged, commit a manifest without them and move their folders to
+      `checkpoints/damaged/` (a training start: the run recomputes those steps and commits them again).
     """
     if which == BEST and self.manifest["best"] is not None:
       best = int(self.manifest["best"]["step"])
@@ -261,18 +300,49 @@ class Checkpoints:
         continue
       if skipped:
         echo(f"restored step {step} instead ({len(skipped)} newer step(s) damaged)")
+        if repair and not self.read_only:
+          self._set_aside([int(pathlib.Path(entry.split(": ", 1)[0]).name) for entry in skipped], echo)
       return Restored(step=step, state=state, meta=meta, host=host, skipped=skipped)
     raise CheckpointError(f"every checkpoint of {self.root} is damaged: " + "; ".join(skipped),
                           "start a new --workdir (or remove the damaged step folders and the manifest)")
+
+  def _set_aside(self, damaged: list[int], echo: Callable[[str], None]) -> None:
+    """Commits a manifest without the `damaged` steps, then moves their folders out of orbax's sight."""
+    manifest = {**self.manifest, "last": [s for s in self.manifest["last"] if s not in damaged]}
+    best = self.manifest["best"]
+    if best is not None and int(best["step"]) in damaged:
+      manifest["best"] = None
+      echo(f"the best checkpoint (step {best['step']}, {best['metric']} {best['value']:.4g} after epoch "
+           f"{best['epoch']}) was damaged: until the resumed run commits a better one (or recomputes that step), "
+           f"there is no best checkpoint")
+    if self.is_main:
+      _write_json_atomically(self.manifest_path, manifest)
+      aside = self.root / DAMAGED_DIR
+      aside.mkdir(exist_ok=True)
+      for step in damaged:
+        source = self.step_path(step)
+        if source.exists():
+          target = aside / str(step)
+          number = 1
+          while target.exists():
+            number += 1
+            target = aside / f"{step}.{number}"
+          os.replace(source, target)
+          echo(f"moved the damaged step {step} to {target} (kept for inspection; remove it when no longer needed)")
+    _sync("dml_jax checkpoint repair")
+    self.manifest = manifest
+    self._manager.reload()
 
   def newest_intact_step(self) -> int | None:
     """The newest committed step whose files verify (for messages; reads the arrays)."""
     for step in self.committed_steps():
       try:
         meta = self.read_meta(step)
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-        if checksums(restored.state) == meta["checksums"]["state"]:
+        items = dict(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+        if "host" in meta["checksums"]:
+          items["host"] = ocp.args.StandardRestore()
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        if all(checksums(restored[name]) == meta["checksums"][name] for name in items if name != "meta"):
           return step
       except Exception:  # noqa: BLE001
         continue

@@ -3,7 +3,10 @@
 Resuming: when `<workdir>/checkpoints` holds a committed checkpoint, `fit` continues from the newest intact
 one (parameters, optimizer state per group, method state, host state, RNG, data-iterator position,
 best-so-far), so a run stopped after an epoch, mid-epoch (checkpoint.every_steps), by SIGTERM / SIGINT or by
-kill -9, and started again produces the same losses as one that never stopped (docs/reliability.md).
+kill -9, and started again produces the same losses as one that never stopped (docs/reliability.md). What the
+stopped run had logged or left unwritten after its newest commit is put right first (`_complete_commit`):
+metrics.jsonl rewound to that commit, its evaluation rows and best embeddings written if a kill came before
+them, an evaluation a signal postponed done; damaged steps are set aside and computed again.
 
 Model selection: `eval.select_on = 'test'` keeps the checkpoint with the best `eval.select_metric` on
 the TEST split, as the seed papers' code does (an optimistic protocol; the log says so). 'val' selects
@@ -197,6 +200,9 @@ class Trainer:
     config_lib.check_config(config, num_devices=self.mesh.size)
     self.config = config
     self.workdir = pathlib.Path(workdir)
+    if not for_training and not ckpt_lib.has_committed_step(self.workdir):  # before any work, creating nothing
+      raise ckpt_lib.CheckpointError(f"no checkpoint under {self.workdir.absolute() / 'checkpoints'}",
+                                     "train first (the same --workdir), or pass the --workdir of a training run")
     self.is_main = jax.process_index() == 0
     self._lock = None
     self._load_data()
@@ -218,9 +224,12 @@ class Trainer:
                             steps_per_epoch=len(self.train_loader), log=_echo, _trainer=self)
 
   def _check_evaluation(self, for_training: bool) -> None:
-    """Mistakes that would otherwise stop the run at its first evaluation, after an epoch of work: the metric
-    names and options, the selection metric, and every evaluation image (decoded at 1/8 scale)."""
+    """Mistakes that would otherwise stop the run at its first evaluation or in the middle of an epoch, after
+    work was done: the metric names and options, the selection metric, and every image of every split
+    (decoded at 1/8 scale; the training split when training)."""
     c = self.config
+    if for_training and not c.dataset.skip_corrupt:
+      data_lib.require_decodable(self.dataset_name, self.train_records, "train", num_threads=c.data.num_threads)
     for split in self.eval_splits:
       protocol, options = (self.val_protocol, {**dict(c.eval.options), **self.val_options}) if split == "val" else (
           self.protocol, dict(c.eval.options))
@@ -316,24 +325,63 @@ class Trainer:
       data_lib.write_split_manifest(self.workdir / folder_lib.SPLIT_FILE, self.split_manifest)
     if self.checkpoints.latest_step() is None:
       self.groups = self.plan.groups(0)
+      self.logger.rewind(None)  # records of an earlier start that never committed a step
       self.logger.write("config", step=0, epoch=0, config=json.loads(self.config.to_json_best_effort()))
       return self._fresh_state(self.groups), _Progress()
-    restored = self._restore(ckpt_lib.LAST)
+    restored = self._restore(ckpt_lib.LAST, repair=True)
     meta = restored.meta
     self._log_config_differences(meta["config"])
     progress = _Progress(epoch=meta["epoch"], best=meta["best"], data_state=meta["data_state"])
     _echo(f"resumed from {self.checkpoints.step_path(restored.step)}: epoch {progress.epoch}, step {restored.step}"
           + (f", batch {progress.data_state['step']} of the epoch" if progress.data_state else ""))
+    self._complete_commit(restored, progress)
     return restored.state, progress
 
-  def _restore(self, which: str) -> ckpt_lib.Restored:
-    """The newest intact checkpoint of `which` (verified; damaged steps are named and passed over), with
-    self.groups set to its epoch's and the host state loaded."""
+  def _complete_commit(self, restored: ckpt_lib.Restored, progress: _Progress) -> None:
+    """The log and the files a commit describes, as an uninterrupted run leaves them: metrics.jsonl rewound
+    to the resumed step (records of later steps are computed again, docs/reliability.md); the evaluation
+    rows of that step's epoch and the best test embeddings when a kill came between the commit and them;
+    the evaluation a signal postponed (then the step becomes 'best' by a manifest commit if it is)."""
+    step, meta = restored.step, restored.meta
+    kept = self.logger.rewind(step)
+    self.logger.write("event", step=step, epoch=meta["epoch"], event="resumed",
+                      damaged=[entry.split(": ", 1)[0] for entry in restored.skipped])
+    evaluation = meta.get("evaluation")
+    if evaluation is not None:
+      epoch = meta["phase_epoch"]
+      if evaluation.get("pending"):
+        rows = self._evaluate_epoch(restored.state, epoch, [])
+        if self._select(rows, epoch, step, progress):
+          self.checkpoints.mark_best(step, self._best_entry(progress))
+          self._save_best_embeddings(epoch, step)
+      else:
+        rows = evaluation["rows"]
+      logged = {r.get("split") for r in kept if r.get("kind") == "eval" and r.get("step") == step
+                and r.get("epoch") == epoch and "checkpoint" not in r}
+      missing = {split: res for split, res in rows.items() if split not in logged}
+      if missing:
+        self._log_evaluation(missing, epoch, step)
+    best = self.checkpoints.best
+    # Every process decides (the workdir is shared) and embeds: embedding is collective on several hosts.
+    if best is not None and int(best["step"]) == step and "test" in self.eval_splits:
+      path = saved_lib.best_test_path(self.workdir)
+      try:
+        saved_step = saved_lib.load_embeddings(path).step
+      except (OSError, ValueError):
+        saved_step = None
+      if saved_step != step:  # killed after committing a new best, before writing its embeddings
+        _echo(f"writing the test embeddings of the best checkpoint (step {step}) again: {path}")
+        self.evaluate(restored.state, "test")
+        self._save_best_embeddings(int(best["epoch"]), step)
+
+  def _restore(self, which: str, *, repair: bool = False) -> ckpt_lib.Restored:
+    """The newest intact checkpoint of `which` (verified; damaged steps are named and passed over, and set
+    aside with `repair`), with self.groups set to its epoch's and the host state loaded."""
     def make_abstract(meta):
       self.groups = self.plan.groups(meta["phase_epoch"])
       return self._abstract_state(self.groups, meta)
 
-    restored = self.checkpoints.restore(which, make_abstract, echo=_echo)
+    restored = self.checkpoints.restore(which, make_abstract, echo=_echo, repair=repair)
     self.groups = self.plan.groups(restored.meta["phase_epoch"])
     if self.host is not None:
       if restored.host is None:
@@ -342,17 +390,26 @@ class Trainer:
       self.host.load_state_dict(restored.host)
     return restored
 
-  def _save(self, state: dict, progress: _Progress, *, step: int, phase_epoch: int, best_too: bool = False) -> None:
+  def _save(self, state: dict, progress: _Progress, *, step: int, phase_epoch: int, best_too: bool = False,
+            evaluation: dict | None = None) -> None:
+    """Commits step `step`; `evaluation` ({split: metrics} of this epoch, or {'pending': True} when a signal
+    came first) rides in the meta, so that a resume can log it when a kill came between the commit and its log
+    rows (or evaluate first)."""
     meta = {"epoch": progress.epoch, "phase_epoch": phase_epoch, "step": step, "data_state": progress.data_state,
             "best": progress.best, "select_on": self.config.eval.select_on,
             "select_metric": self.config.eval.select_metric, "num_classes": self.train_records.num_classes,
             "pretrained_cfg": self.method.pretrained_cfg.to_json(),
+            "evaluation": None if evaluation is None else (
+                evaluation if evaluation.get("pending") else {"epoch": phase_epoch, "rows": evaluation}),
             "config": json.loads(self.config.to_json_best_effort())}
     host = self.host.state_dict() if self.host is not None else None
-    best = None
-    if best_too and progress.best is not None:
-      best = {k: progress.best[k] for k in ("metric", "value", "epoch", "split")}
+    best = self._best_entry(progress) if best_too and progress.best is not None else None
     self.checkpoints.save(step, state, meta, host=host, best=best)
+
+  @staticmethod
+  def _best_entry(progress: _Progress) -> dict:
+    """What the manifest says of the best step."""
+    return {k: progress.best[k] for k in ("metric", "value", "epoch", "split")}
 
   def _log_config_differences(self, saved: dict) -> None:
     now = json.loads(self.config.to_json_best_effort())
@@ -395,14 +452,22 @@ class Trainer:
     restored = self._restore(which)
     meta, step = restored.meta, restored.step
     best = self.checkpoints.best
+    data = meta.get("data_state")
+    where = (f"epoch {meta['epoch']}, batch {data['step']} of {data['steps_per_epoch']}" if data
+             else f"after epoch {meta['epoch'] - 1}")
     what = (f"the best checkpoint (step {step}, after epoch {best['epoch']}: {best['metric']} "
             f"{100 * best['value']:.2f} on {best['split']})" if which == ckpt_lib.BEST and best and best["step"] == step
-            else f"the checkpoint of step {step} (after epoch {meta['epoch'] - 1})")
+            else f"the checkpoint of step {step} ({where})")
+    if restored.skipped:
+      damaged = ", ".join(pathlib.Path(entry.split(": ", 1)[0]).name for entry in restored.skipped)
+      what += f" instead of the {which} one: step(s) {damaged} damaged, see above"
     _echo(f"evaluating {what}: {self.checkpoints.step_path(step)}")
     results = {}
     for split in self.eval_splits:
       results[split] = self.evaluate(restored.state, split)
-      self.logger.write("eval", step=step, epoch=meta["epoch"], split=split, checkpoint=which, **results[split])
+      extra = {"damaged": [entry.split(": ", 1)[0] for entry in restored.skipped]} if restored.skipped else {}
+      self.logger.write("eval", step=step, epoch=meta["epoch"], split=split, checkpoint=which, **extra,
+                        **results[split])
       _echo(f"{which} checkpoint (step {step}) on {split}: " + _format_metrics(results[split]))
     return results
 
@@ -483,12 +548,19 @@ class Trainer:
       images_seen, train_time = images_seen + seen, train_time + seconds
       state = self.method.on_epoch_end(epoch, state, self.ctx)
       step = int(state["step"])
+      if self._stop.requested and self._evaluates_after(epoch):
+        # Stop now rather than after the evaluation, which may outlast a preemption's grace period: the
+        # checkpoint says that its evaluation is pending, and the resumed run does it first, on this state.
+        progress.epoch = epoch + 1
+        self._save(state, progress, step=step, phase_epoch=epoch, evaluation={"pending": True})
+        raise self._stop.stopped(f"after epoch {epoch} (step {step}), before its evaluation (the resumed run "
+                                 f"does it first); checkpoint saved in {self.checkpoints.step_path(step)}")
       is_best, row = False, None
       if self._evaluates_after(epoch):
         row = self._evaluate_epoch(state, epoch, history)
         is_best = self._select(row, epoch, step, progress)
       progress.epoch = epoch + 1
-      self._save(state, progress, step=step, phase_epoch=epoch, best_too=is_best)
+      self._save(state, progress, step=step, phase_epoch=epoch, best_too=is_best, evaluation=row)
       if row is not None:
         self._log_evaluation(row, epoch, step)
       if is_best:
@@ -558,6 +630,7 @@ class Trainer:
       seen += c.data.batch_size
       log.add(step, metrics, c.data.batch_size)
       every = c.checkpoint.every_steps
+      # A signal during the epoch's last step is handled at the epoch's end (`_run`), after the epoch-end hook.
       preempted = self._stop.requested and iterator.step < len(self.train_loader)
       if (every and (step + 1) % every == 0 and iterator.step < len(self.train_loader)) or preempted:
         log.flush()  # never save a state that follows a non-finite loss
