@@ -18,25 +18,27 @@ then the generator's pass). The script also compiles ours and counts the convolu
 of a discriminator-only iteration (= one backbone forward) and of a full iteration: a full iteration with a single
 forward holds about 3x as many (forward, input gradient, kernel gradient), with two forwards about 4x.
 
-Each implementation runs in its own subprocess; reported: min / median / max seconds per iteration over --steps
-timed iterations after --warmup untimed ones (ours is compiled before those, its compilation time is reported
-apart; torch's first iterations include its allocator warm-up), with the date, git commit, machine, load average
-before and after, library versions and the exact command. --out writes the figures as markdown.
+Each implementation runs in its own subprocess. Reported per row: min / median / max seconds per iteration over
+--steps timed iterations after --warmup untimed ones, process CPU seconds per iteration, the untimed iterations'
+time (torch: its allocator warm-up) and ours' compilation (ahead of time, reported apart: the timed and untimed
+iterations run the compiled executable). The section is stamped by benchmarks/common.py (date, commit, machine,
+load average before and after, versions, the exact command).
 
-  python benchmarks/dada_step.py --batch 8 --steps 3 --warmup 1 --out docs/benchmarks/dada.md
+  python benchmarks/dada_step.py --batch 8 --steps 5 --warmup 1 --out docs/benchmarks/dada.md   # the docs section
   python benchmarks/dada_step.py --batch 90 --steps 20 --warmup 3      # the recipe's batch, on a GPU
+  python benchmarks/dada_step.py --quick      # tiny sizes: checks that it runs (CI); its figures mean nothing
+
+--quick: a two-stage ResNet (one bottleneck per stage, 8 / 16 channels) on 32 px images, batch 4, 1 untimed + 2
+timed iterations; torch's row only when torch is installed.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import json
 import os
-import platform
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -96,20 +98,20 @@ def run_ours(args) -> dict:
                                       jax.random.key(1))
     return groups, jax.device_put(state, step_lib.replicated(mesh))
 
-  convolutions, compile_s = {}, 0.0
+  convolutions, compiled = {}, {}
   for name, epoch in (("discriminator_only", 0), ("full", 1)):
     groups, state = state_for(epoch)
     lrs, ep = step_lib.learning_rate_args(groups, epoch)
     t = time.perf_counter()
-    text = cache.update_fn(groups, epoch).lower(state, data, lrs, ep).compile().as_text()
+    compiled[name] = cache.update_fn(groups, epoch).lower(state, data, lrs, ep).compile()
     if name == "full":
       compile_s = time.perf_counter() - t
-    convolutions[name] = len(re.findall(r"= \S+ convolution\(", text))
+    convolutions[name] = len(re.findall(r"= \S+ convolution\(", compiled[name].as_text()))
 
   epoch = 1  # after CUB's warm-up: every group trains
   groups, state = state_for(epoch)
   lrs, ep = step_lib.learning_rate_args(groups, epoch)
-  update = cache.update_fn(groups, epoch)
+  update = compiled["full"]  # the executable compiled above: no compilation in the timed or untimed iterations
   t0 = time.perf_counter()
   for _ in range(args.warmup):
     state, metrics = update(state, data, lrs, ep)
@@ -125,7 +127,7 @@ def run_ours(args) -> dict:
   import optax
   return dict(times=times, warmup_s=warmup_s, cpu_per_step=(_cpu_seconds() - cpu0) / args.steps,
               device=f"{jax.devices()[0].platform} x{mesh.size} ({jax.devices()[0].device_kind})",
-              loss=float(metrics["loss"]), convolutions=convolutions, compile_s=compile_s,
+              loss=float(metrics["loss"]), convolutions=convolutions, compile_s=compile_s, d_step=method.opts["d_step"],
               versions=f"jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}")
 
 
@@ -198,58 +200,69 @@ def run_torch(args) -> dict:
               versions=f"torch {torch.__version__}")
 
 
-def _git_commit() -> str:
+def _torch_installed() -> bool:
   try:
-    commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                            check=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                           text=True).stdout.strip()
-    return commit + (" (with uncommitted changes)" if dirty else "")
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
+    import torch  # noqa: F401  (the re-creation is torch)
+  except ImportError:
+    return False
+  return True
 
 
-def _markdown(meta: dict, rows: list[dict]) -> str:
-  lines = ["# DADA iteration: dml_jax vs a torch re-creation of the authors' loop", "",
-           f"Date {meta['date']}; git commit {meta['commit']}; machine: {meta['machine']}; "
-           f"1-minute load average {meta['load_before']:.1f} before, {meta['load_after']:.1f} after "
-           f"(**measured under load on a shared machine: compare the rows, not the runs**). "
-           f"Python {meta['python']}; {'; '.join(sorted({r['versions'] for r in rows}))}.", "",
-           f"Command: `{meta['command']}`", "",
-           f"Setting: configs/dada_cub_resnet50.py after its warm-up, random weights and images, {meta['image_size']} "
-           f"px, batch {meta['batch']}, {NUM_CLASSES} classes{' (tiny ResNet)' if meta['tiny'] else ''}; "
-           f"{meta['steps']} timed iterations after {meta['warmup']} untimed.", "",
-           "| impl | device | s/iteration min | median | max | CPU s/iteration | untimed first iterations (s) | "
-           "compilation (s) |",
-           "|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    compile_s = f"{r['compile_s']:.1f}" if r.get("compile_s") is not None else "-"
-    lines.append(f"| {r['impl']} | {r['device']} | {r['min_s']:.3f} | {r['median_s']:.3f} | {r['max_s']:.3f} | "
-                 f"{r['cpu_s_per_step']:.2f} | {r['warmup_s']:.1f} | {compile_s} |")
-  ours = next((r for r in rows if r["impl"] == "ours" and r.get("convolutions")), None)
-  if ours:
+def _section(args, doc_stamp: dict, load_after: float, rows: list[dict]) -> list[str]:
+  from benchmarks import common
+
+  model = "a two-stage ResNet (--tiny)" if args.tiny else "ResNet-50"
+  d_step = next((r["d_step"] for r in rows if "d_step" in r), "d_step")
+  body = common.stamp_lines(doc_stamp, load_after) + [
+      "",
+      f"Setting: configs/dada_cub_resnet50.py after its warm-up (every group trains) with {model}, random weights "
+      f"and images, {args.image_size} px, batch {args.batch} ({args.batch // 2} classes x 2, one drawn twice), "
+      f"{NUM_CLASSES} classes. One iteration = the no-grad forward, {d_step} discriminator steps, the "
+      f"generator step. Seconds per iteration, min / median / max over {args.steps} timed iterations after "
+      f"{args.warmup} untimed; ours is compiled ahead of time (its compilation apart), torch's untimed iterations "
+      f"hold its allocator warm-up." + (" --quick: the figures only show that it runs." if args.quick else ""),
+      "",
+      *common.table(["impl", "device", "s/iteration min / median / max", "CPU s/iteration", "untimed iterations s",
+                     "compilation s"],
+                    [(r["impl"], r["device"], common.fmt_spread(r["times"]), f"{r['cpu_s_per_step']:.2f}",
+                      f"{r['warmup_s']:.1f}", "-" if r.get("compile_s") is None else f"{r['compile_s']:.1f}")
+                     for r in rows], "llrrrr"),
+  ]
+  ours = next((r for r in rows if r["impl"] == "ours"), None)
+  theirs = next((r for r in rows if r["impl"] == "torch"), None)
+  if ours and theirs:
+    a, b = (common.spread(r["times"])[1] for r in (ours, theirs))
+    body += ["", f"Median: ours {a:.3f} s, the torch re-creation {b:.3f} s per iteration: ours is "
+             + (f"{b / a:.2f}x faster." if a <= b else f"{a / b:.2f}x slower (ours is the slower one here).")]
+  if ours and ours.get("convolutions"):
     conv = ours["convolutions"]
-    lines += ["", f"Backbone forwards: the optimised program of a discriminator-only iteration (epoch 0: one backbone "
-              f"forward, no backward) holds {conv['discriminator_only']} convolutions, that of a full iteration "
-              f"{conv['full']} ({conv['full'] / max(conv['discriminator_only'], 1):.2f}x; one forward plus its "
-              f"backward is about 3x, two forwards plus a backward about 4x). The authors' loop runs the backbone "
-              f"forward twice per iteration (a no-grad pass, then the generator's); in dml_jax both passes are "
-              f"written as in the code, and XLA computes the shared forward once."]
-  return "\n".join(lines) + "\n"
+    body += ["", f"Backbone forwards: the optimised program of a discriminator-only iteration (epoch 0: one backbone "
+             f"forward, no backward) holds {conv['discriminator_only']} convolutions, that of a full iteration "
+             f"{conv['full']} ({conv['full'] / max(conv['discriminator_only'], 1):.2f}x; one forward plus its "
+             f"backward is about 3x, two forwards plus a backward about 4x). The authors' loop runs the backbone "
+             f"forward twice per iteration (a no-grad pass, then the generator's); in dml_jax both passes are "
+             f"written as in the code, and XLA computes the shared forward once."]
+  body += ["", "Not measured here: the recipe's batch of 90, a GPU, bfloat16."]
+  return body
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--impls", nargs="+", default=["ours", "torch"], choices=["ours", "torch"])
   p.add_argument("--batch", type=int, default=8, help="global batch (images per iteration), even")
   p.add_argument("--image_size", type=int, default=224)
-  p.add_argument("--steps", type=int, default=3, help="timed iterations")
-  p.add_argument("--warmup", type=int, default=1, help="untimed iterations first (compilation, allocator warm-up)")
+  p.add_argument("--steps", type=int, default=5, help="timed iterations")
+  p.add_argument("--warmup", type=int, default=1, help="untimed iterations first (torch's allocator warm-up)")
   p.add_argument("--tiny", action="store_true", help="a two-stage ResNet instead of ResNet-50 (smoke test)")
   p.add_argument("--json", default="", help="also write the results to this file")
-  p.add_argument("--out", default="", help="write the figures as markdown to this file")
+  p.add_argument("--out", default="", help="write the markdown section (stamp, table) here")
+  p.add_argument("--quick", action="store_true", help="tiny ResNet, 32 px, batch 4, 1 + 2 iterations (CI)")
   p.add_argument("--child", default="", help=argparse.SUPPRESS)
   args = p.parse_args()
+  if args.quick and not args.child:
+    args.tiny, args.image_size, args.batch, args.steps, args.warmup = True, 32, 4, 2, 1
+    if not _torch_installed():
+      args.impls = [i for i in args.impls if i != "torch"]
   if args.batch % 2 or args.batch < 4:
     raise SystemExit("--batch must be even and at least 4 (classes x 2 images)")
   if args.child:
@@ -257,10 +270,10 @@ def main() -> None:
     print("RESULT " + json.dumps(result))
     return
 
-  command = "python " + " ".join([os.path.relpath(os.path.abspath(__file__), REPO)] + sys.argv[1:])
-  load_before = os.getloadavg()[0]
-  started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-  rows = []
+  from benchmarks import common
+
+  doc_stamp = common.stamp()
+  rows, failed = [], []
   env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
   for impl in args.impls:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", impl, "--batch", str(args.batch), "--image_size",
@@ -270,29 +283,24 @@ def main() -> None:
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
       print(f"{impl} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+      failed.append(impl)
       continue
     r = json.loads(lines[-1][len("RESULT "):])
-    row = dict(impl=impl, min_s=min(r["times"]), median_s=statistics.median(r["times"]), max_s=max(r["times"]),
-               times=r["times"], warmup_s=r["warmup_s"], cpu_s_per_step=r["cpu_per_step"], device=r["device"],
-               versions=r["versions"], loss=r["loss"], convolutions=r.get("convolutions"),
-               compile_s=r.get("compile_s"))
-    rows.append(row)
-    print(f"{impl:6s} batch {args.batch}: {row['median_s']:.3f} s/iteration median (min {row['min_s']:.3f}, "
-          f"max {row['max_s']:.3f}; untimed {row['warmup_s']:.1f} s; CPU {row['cpu_s_per_step']:.2f} s/iteration) "
-          f"on {row['device']}" + (f"; convolutions {row['convolutions']}" if row["convolutions"] else ""),
-          flush=True)
-  meta = dict(date=started, commit=_git_commit(),
-              machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
-              load_before=load_before, load_after=os.getloadavg()[0], python=platform.python_version(),
-              command=command, batch=args.batch, image_size=args.image_size, steps=args.steps, warmup=args.warmup,
-              tiny=args.tiny)
-  print(f"load average {meta['load_before']:.1f} before, {meta['load_after']:.1f} after; commit {meta['commit']}")
+    rows.append(dict(impl=impl, **r))
+    lo, mid, hi = common.spread(r["times"])
+    print(f"{impl:6s} batch {args.batch}: {mid:.3f} s/iteration median (min {lo:.3f}, max {hi:.3f}; untimed "
+          f"{r['warmup_s']:.1f} s; CPU {r['cpu_per_step']:.2f} s/iteration) on {r['device']}"
+          + (f"; convolutions {r['convolutions']}" if r.get("convolutions") else ""), flush=True)
+  for row in rows:
+    row["cpu_s_per_step"] = row.pop("cpu_per_step")
+  load_after = common.load_average()
   if args.json:
     with open(args.json, "w") as f:
-      json.dump(dict(meta=meta, rows=rows), f, indent=2)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(_markdown(meta, rows))
+      json.dump(dict(stamp=doc_stamp, load_after=load_after, rows=rows), f, indent=2)
+  if failed:
+    raise SystemExit(f"failed: {', '.join(failed)}")
+  common.write_section(args.out or None, "DADA iteration: dml_jax vs a torch re-creation of the authors' loop",
+                       _section(args, doc_stamp, load_after, rows))
 
 
 if __name__ == "__main__":
