@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dml_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
 from dml_jax.data import decode, synthetic, transforms
+from dml_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
 
 
 def _pil(size, fmt="JPEG", mode="RGB", seed=0):
@@ -62,7 +62,7 @@ def test_random_resized_crop_distribution_matches_torchvision(ref, width, height
   # Thin images often exhaust the 10 attempts: the central fallback box must be as frequent.
   share = np.mean([tuple(b) == tuple(expected["fallback"].tolist()) for b in ours])
   assert abs(share - float(expected["fallback_share"])) < 0.02
-  assert all(0 < h <= height and 0 < w <= width and t + h <= height and l + w <= width for t, l, h, w in ours)
+  assert all(0 < h <= height and 0 < w <= width and t + h <= height and left + w <= width for t, left, h, w in ours)
 
 
 FALLBACK_SIZES = [(500, 375), (400, 40), (60, 300), (100, 100)]
