@@ -21,7 +21,8 @@ Keys:
   data.*                    batch_size (global), sampler ('random' | 'm_per_class' | 'm_per_class_replace';
                             a method may supply its own per epoch), samples_per_class, steps_per_epoch
                             (0 = len(train) // batch), eval_batch_size, num_threads, num_workers,
-                            augment ('base'), scale, ratio, flip, interpolation (RandomResizedCrop + flip)
+                            augment ('base' | 'autoaugment': AutoAugment's ImageNet policy first), scale,
+                            ratio, flip, interpolation (RandomResizedCrop + flip)
   model.*                   backbone (registry name, optionally 'name.tag' for the preprocessing of that
                             tag), weights (converted weights directory, '' = random init),
                             backbone_overrides (architecture kwargs), embedding_dim
