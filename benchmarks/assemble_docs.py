@@ -20,6 +20,7 @@ SECTIONS = (  # (heading, file in docs/benchmarks/)
     ("Divide & Conquer re-clustering", "dnc_recluster.md"),
     ("Proxy-ISA step", "proxy_isa.md"),
     ("DFML train step", "dfml.md"),
+    ("DADA iteration", "dada.md"),
     ("GPU suite", "gpu_suite.md"),
 )
 

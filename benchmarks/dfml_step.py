@@ -1,6 +1,6 @@
 """DFML's training step vs plain Proxy-Anchor fine-tuning of the same DeiT-S, dml_jax vs a torch re-creation.
 
-Four steps on random 224 px images (the data pipeline is not timed), DeiT-S distilled, 384-d embedding
+Steps on random 224 px images (the data pipeline is not timed), DeiT-S distilled, 384-d embedding
 ((cls + dist) / 2 -> L2, no embedding layer), Proxy-Anchor over 100 classes (alpha 32, margin 0.1),
 element-wise gradient clamp 10, AdamW (wd 1e-4 on everything, proxies at 100x lr), every parameter training
 (the step after DFML's warm-up):
@@ -14,22 +14,25 @@ element-wise gradient clamp 10, AdamW (wd 1e-4 on everything, proxies at 100x lr
                  the MLP matching term, as the released code does.
 
 Each (method, implementation) runs in its own subprocess. Reported per row: min / median / max seconds per
-step over --steps timed steps after --warmup untimed ones (which include compilation), images/s at the
-median, process CPU seconds per step, and the step's floating-point work (ours: XLA's cost analysis of the
-compiled step, every op; torch: torch.utils.flop_counter, matmuls and convolutions only). The output is stamped with the date, git commit, machine, load average
-before and after, versions and the exact command.
+step over --steps timed steps after --warmup untimed ones, images/s at the median, process CPU seconds per
+step, ours' compilation time (ahead of time, apart from the untimed steps), the untimed steps' time, and the
+step's floating-point work (ours: XLA's cost analysis of the compiled step, every op; torch:
+torch.utils.flop_counter, matmuls and convolutions only). The section is stamped by benchmarks/common.py
+(date, commit, machine, load average before and after, versions, the exact command).
 
-  python benchmarks/dfml_step.py --batch 8 --steps 3 --warmup 1 --md /tmp/dfml_step.md
+  python benchmarks/dfml_step.py --batch 8 --steps 5 --warmup 2 --out docs/benchmarks/dfml.md   # the docs section
   python benchmarks/dfml_step.py --batch 120 --steps 20 --warmup 3        # a GPU machine
+  python benchmarks/dfml_step.py --quick      # tiny sizes: checks that it runs (CI); its figures mean nothing
+
+--quick: depth-2, width-96 (6 heads, 2 per sub-block) distilled DeiTs on 64 px images (4 x 4 patches + 2
+tokens), batch 4, 1 untimed + 2 timed steps; torch's rows only when torch and timm are installed.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -41,6 +44,9 @@ sys.path.insert(0, REPO)
 NUM_CLASSES = 100
 LR = 1e-4
 NAME = "deit_small_distilled_patch16_224"
+# The model's size: DeiT-S at 224 px, or (--quick, set in the child from its flag) a tiny distilled DeiT.
+ARCH = dict(img_size=224, depth=12, embed_dim=384, num_heads=6)
+QUICK_ARCH = dict(img_size=64, depth=2, embed_dim=96, num_heads=6)
 
 
 def _cpu_seconds() -> float:
@@ -79,7 +85,9 @@ def run_ours(method: str, batch: int, steps: int, warmup: int, dtype: str) -> di
   c = default_config()
   c.compute_dtype = dtype
   c.model.backbone = NAME
-  c.model.embedding_dim = 384
+  c.model.backbone_overrides.update(ARCH)
+  c.dataset.image_size = ARCH["img_size"]
+  c.model.embedding_dim = ARCH["embed_dim"]
   if method == "dfml":
     c.method = methods.method_config("dfml")
   else:
@@ -97,7 +105,8 @@ def run_ours(method: str, batch: int, steps: int, warmup: int, dtype: str) -> di
   state = step_lib.init_train_state(params, method_state, optim.init_group_states(groups, params), jax.random.key(1))
   state = jax.device_put(state, step_lib.replicated(mesh))
   rng = np.random.default_rng(0)
-  data = step_lib.shard_batch({"image": rng.normal(size=(batch, 224, 224, 3)).astype(np.float32),
+  size = ARCH["img_size"]
+  data = step_lib.shard_batch({"image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
                                "label": rng.integers(0, NUM_CLASSES, size=batch).astype(np.int32),
                                "index": np.arange(batch, dtype=np.int32)}, mesh)
   lrs, epoch = step_lib.learning_rate_args(groups, 0)
@@ -114,7 +123,7 @@ def run_ours(method: str, batch: int, steps: int, warmup: int, dtype: str) -> di
 
   compile_s = time.perf_counter() - t0
   out = _timed(step, jax.block_until_ready, steps, warmup)
-  out["warmup_s"] += compile_s  # the compilation is part of the first steps, as for a jitted call
+  out["compile_s"] = compile_s  # reported apart from the untimed steps (jax.jit would pay it in the first)
   out["gflop"] = float(cost.get("flops", float("nan"))) / 1e9
   dev = jax.devices()[0]
   out.update(device=f"{dev.platform} x{mesh.size} ({dev.device_kind})",
@@ -238,15 +247,17 @@ def run_torch(method: str, batch: int, steps: int, warmup: int, dtype: str) -> d
     torch.set_num_threads(os.cpu_count())
   torch.manual_seed(0)
   if method == "dfml":
-    net = _torch_factorized_deit(torch).to(device).train()
+    net = _torch_factorized_deit(torch, dim=ARCH["embed_dim"], depth=ARCH["depth"], heads=ARCH["num_heads"],
+                                 img=ARCH["img_size"]).to(device).train()
   else:
-    net = timm.create_model(NAME, pretrained=False, num_classes=0).to(device).train()
-  proxies = torch.nn.Parameter(torch.nn.init.kaiming_normal_(torch.empty(NUM_CLASSES, 384, device=device),
-                                                             mode="fan_out"))
+    net = timm.create_model(NAME, pretrained=False, num_classes=0, **ARCH).to(device).train()
+  proxies = torch.empty(NUM_CLASSES, ARCH["embed_dim"], device=device)
+  proxies = torch.nn.Parameter(torch.nn.init.kaiming_normal_(proxies, mode="fan_out"))
   opt = torch.optim.AdamW([{"params": net.parameters()}, {"params": [proxies], "lr": LR * 100}], lr=LR,
                           weight_decay=1e-4)
   rng = np.random.default_rng(0)
-  images = torch.tensor(rng.normal(size=(batch, 3, 224, 224)).astype(np.float32), device=device)
+  size = ARCH["img_size"]
+  images = torch.tensor(rng.normal(size=(batch, 3, size, size)).astype(np.float32), device=device)
   labels = torch.tensor(rng.integers(0, NUM_CLASSES, size=batch), device=device)
   autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
@@ -291,101 +302,107 @@ def run_torch(method: str, batch: int, steps: int, warmup: int, dtype: str) -> d
 # -- driver ---------------------------------------------------------------------------------------------------
 
 
-def _versions() -> str:
-  from importlib import metadata
-  names = ("jax", "jaxlib", "flax", "optax", "torch", "timm", "numpy")
-  found = []
-  for n in names:
-    try:
-      found.append(f"{n} {metadata.version(n)}")
-    except metadata.PackageNotFoundError:
-      pass
-  return f"Python {platform.python_version()}, " + ", ".join(found)
-
-
-def _git_commit() -> str:
+def _torch_installed() -> bool:
   try:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                            check=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                           text=True).stdout.strip()
-    return commit + (" (with uncommitted changes)" if dirty else "")
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
+    import timm  # noqa: F401
+    import torch  # noqa: F401
+  except ImportError:
+    return False
+  return True
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--methods", nargs="+", default=["pa", "dfml"], choices=["pa", "dfml"])
   p.add_argument("--impls", nargs="+", default=["ours", "torch"], choices=["ours", "torch"])
   p.add_argument("--batch", type=int, default=8, help="global batch (images per step)")
   p.add_argument("--steps", type=int, default=5, help="timed steps")
-  p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator warm-up)")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps first (allocator warm-up; torch's first calls)")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  p.add_argument("--json", default="", help="also write the results to this file")
-  p.add_argument("--md", default="", help="also write the markdown report to this file")
+  p.add_argument("--out", default="", help="write the markdown section (stamp, table) here")
+  p.add_argument("--quick", action="store_true", help="tiny DeiTs, batch 4, 1 + 2 steps (CI)")
   p.add_argument("--child", default="", help=argparse.SUPPRESS)
   args = p.parse_args()
+  if args.quick:
+    ARCH.update(QUICK_ARCH)
+    if not args.child:
+      args.batch, args.steps, args.warmup = 4, 2, 1
+      if not _torch_installed():  # the torch rows need the parity extra (torch, timm)
+        args.impls = [i for i in args.impls if i != "torch"]
   if args.child:
     method, impl = args.child.split("/")
     fn = run_ours if impl == "ours" else run_torch
     print("RESULT " + json.dumps(fn(method, args.batch, args.steps, args.warmup, args.dtype)))
     return
 
-  command = "python " + " ".join([os.path.relpath(os.path.abspath(__file__), REPO)] + sys.argv[1:])
-  load_before = os.getloadavg()
-  started = datetime.datetime.now().astimezone()
-  rows = []
-  env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  from benchmarks import common
+
+  doc_stamp = common.stamp()
+  rows, failed = [], []
+  env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
+      q for q in (REPO, os.environ.get("PYTHONPATH", "")) if q)}
   for method in args.methods:
     for impl in args.impls:
       cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{method}/{impl}", "--batch", str(args.batch),
              "--steps", str(args.steps), "--warmup", str(args.warmup), "--dtype", args.dtype]
-      proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+      proc = subprocess.run(cmd + (["--quick"] if args.quick else []), cwd=REPO, env=env, capture_output=True,
+                            text=True)
       lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
       if proc.returncode or not lines:
         print(f"{method}/{impl} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+        failed.append(f"{method}/{impl}")
         continue
       r = json.loads(lines[-1][len("RESULT "):])
       r.update(method=method, impl=impl)
       rows.append(r)
-      print(f"{method}/{impl}: median {statistics.median(r['times']):.3f} s/step", file=sys.stderr)
-  load_after = os.getloadavg()
+      print(f"{method}/{impl}: median {statistics.median(r['times']):.3f} s/step", file=sys.stderr, flush=True)
+  load_after = common.load_average()
 
-  head = [f"Date: {started.isoformat(timespec='seconds')}. Git commit: {_git_commit()}.",
-          f"Machine: {platform.node()}, {platform.platform()}, {os.cpu_count()} CPU cores "
-          f"({platform.processor() or platform.machine()}).",
-          f"Load average (1/5/15 min) before: {' / '.join(f'{x:.2f}' for x in load_before)}; after: "
-          f"{' / '.join(f'{x:.2f}' for x in load_after)}.",
-          f"Versions: {_versions()}.", f"Command: `{command}`", "",
-          f"Batch {args.batch}, 224 px, {args.dtype}, {args.steps} timed steps after {args.warmup} untimed.", "",
-          "| method | impl | device | s/step min | median | max | images/s | CPU s/step | first steps s | "
-          "GFLOP/step | trainable | loss |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    t = r["times"]
-    med = statistics.median(t)
-    head.append(f"| {r['method']} | {r['impl']} | {r['device']} | {min(t):.3f} | {med:.3f} | {max(t):.3f} | "
-                f"{args.batch / med:.1f} | {r['cpu_per_step']:.2f} | {r['warmup_s']:.1f} | {r['gflop']:.1f} | "
-                f"{r['trainable']:,} | {r['loss']:.4f} |")
+  a = ARCH
+  size = (f"DeiT-S distilled ({a['depth']} blocks, width {a['embed_dim']}, {a['num_heads']} heads)"
+          if not args.quick else
+          f"a tiny distilled DeiT ({a['depth']} blocks, width {a['embed_dim']}, {a['num_heads']} heads; --quick: "
+          f"the figures mean nothing)")
+  body = common.stamp_lines(doc_stamp, load_after) + [
+      "",
+      f"One training step of {size}, {a['img_size']} px random images, batch {args.batch}, {args.dtype}, "
+      f"Proxy-Anchor over {NUM_CLASSES} classes, AdamW (proxies at 100x lr), clamp 10, every parameter training. "
+      f"pa = Proxy-Anchor fine-tuning of the plain DeiT, embedding (cls + dist) / 2; dfml = DFML's two-stream "
+      f"objective (full and routed stream, matching terms, two PA terms). ours = dml_jax's trainer step, compiled "
+      f"ahead of time (compile s; XLA counts every op in GFLOP); torch = timm's DeiT (pa) or a re-creation of "
+      f"the authors' factorized DeiT (dfml: three Linear layers per factorized layer and stream, the MLP "
+      f"sub-blocks run a third time for the MLP matching term; torch's flop counter counts matmuls and "
+      f"convolutions only). Seconds per step, min / median / max over {args.steps} timed steps after "
+      f"{args.warmup} untimed (first steps s).",
+      "",
+      *common.table(
+          ["method", "impl", "device", "s/step min / median / max", "images/s", "CPU s/step", "compile s",
+           "first steps s", "GFLOP/step", "trainable", "loss"],
+          [(r["method"], r["impl"], r["device"], common.fmt_spread(r["times"]),
+            f"{args.batch / statistics.median(r['times']):.1f}", f"{r['cpu_per_step']:.2f}",
+            f"{r['compile_s']:.1f}" if "compile_s" in r else "-", f"{r['warmup_s']:.1f}", f"{r['gflop']:.2f}",
+            f"{r['trainable']:,}", f"{r['loss']:.4f}") for r in rows],
+          align="lllrrrrrrrr"),
+  ]
   by = {(r["method"], r["impl"]): statistics.median(r["times"]) for r in rows}
   flops = {(r["method"], r["impl"]): r["gflop"] for r in rows}
-  head.append("")
+  ratios = []
   for impl in args.impls:
     if ("pa", impl) in by and ("dfml", impl) in by:
-      head.append(f"{impl}: DFML step / Proxy-Anchor step = {by[('dfml', impl)] / by[('pa', impl)]:.2f} in time, "
-                  f"{flops[('dfml', impl)] / flops[('pa', impl)]:.2f} in GFLOP")
+      ratios.append(f"{impl}: a DFML step costs {by[('dfml', impl)] / by[('pa', impl)]:.2f}x a Proxy-Anchor "
+                    f"step in time, {flops[('dfml', impl)] / flops[('pa', impl)]:.2f}x in GFLOP.")
   for method in args.methods:
     if (method, "ours") in by and (method, "torch") in by:
-      head.append(f"{method}: torch / ours = {by[(method, 'torch')] / by[(method, 'ours')]:.2f}")
-  report = "\n".join(head)
-  print(report)
-  if args.md:
-    with open(args.md, "w") as f:
-      f.write(report + "\n")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(dict(command=command, date=started.isoformat(), load_before=load_before, load_after=load_after,
-                     rows=rows), f, indent=1)
+      ratio = by[(method, "torch")] / by[(method, "ours")]
+      ratios.append(f"{method}: torch's median step / ours = {ratio:.2f} ("
+                    + ("ours is faster" if ratio > 1 else "ours is slower") + ").")
+  if ratios:
+    body += ["", *(f"- {line}" for line in ratios)]
+  if failed:
+    body += ["", "Failed: " + ", ".join(failed) + " (see the script's standard error)."]
+  common.write_section(args.out, "DFML train step: DFML vs Proxy-Anchor on the same DeiT, dml_jax vs torch", body)
+  if failed:
+    sys.exit(1)
 
 
 if __name__ == "__main__":

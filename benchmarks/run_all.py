@@ -35,10 +35,14 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str] | None]] = {
                                              "/tmp/dml_jax_trace_quick"],
                            ["--models", "vit_s16", "resnet50", "--batch", "8", "--steps", "3", "--warmup", "1",
                             "--trace", "/tmp/dml_jax_trace", "--out", "docs/benchmarks/train_step_profile.md"]),
+    "dada_step": ("dada_step.py", ["--quick"],
+                  ["--batch", "8", "--steps", "5", "--warmup", "1", "--out", "docs/benchmarks/dada.md"]),
     "dnc_recluster": ("dnc_recluster.py", ["--quick"],
                       ["--num_items", "20000", "--num_classes", "3800", "--repeats", "2", "--out",
                        "docs/benchmarks/dnc_recluster.md"]),
     "proxy_isa_step": ("proxy_isa_step.py", ["--quick"], ["--out", "docs/benchmarks/proxy_isa.md"]),
+    "dfml_step": ("dfml_step.py", ["--quick"],
+                  ["--batch", "8", "--steps", "5", "--warmup", "2", "--out", "docs/benchmarks/dfml.md"]),
     # Needs a GPU: `python benchmarks/gpu_suite.py --out docs/benchmarks/gpu_suite.md` on one (see its docstring).
     "gpu_suite": ("gpu_suite.py", ["--quick"], None),
 }

@@ -30,7 +30,7 @@ def get_config():
   c = default_config()
   c.seed = 0
   c.num_epochs = 60
-  c.compute_dtype = "float32"  # the code trains with fp16 autocast; bfloat16 on GPUs with --config.compute_dtype
+  c.compute_dtype = "auto"  # the code trains with fp16 autocast: bfloat16 on a GPU, float32 on a CPU
   c.method = method_config("vptsp")
   c.method.num_prompts = 20  # N task prompts per block, block i gets max(N - i * step, 0)
   c.method.prompt_depth = 12

@@ -118,5 +118,23 @@ def proxy_isa() -> ml_collections.ConfigDict:
   return c
 
 
-TINY_CONFIGS = {"dfml": dfml, "divide_and_conquer": divide_and_conquer, "metric_loss": metric_loss,
+def dada() -> ml_collections.ConfigDict:
+  """DADA on a tiny ResNet with BatchNorm statistics in training mode (SOP / In-Shop arch), intra-class mixup,
+  three optimizer groups; epoch 0 trains the discriminators alone, the backbone starts in epoch 2."""
+  c = _base("dada")
+  c.method.update(dict(bn_freeze=False, pos_class_mix=True, mix_alpha=2.0, mix_beta=1.0, fd_fc1_dim=16, fd2_bn=True,
+                       fc_fc1_dim=24, fc_fc2_dim=20, fc2_bn=True, d_step=2, d_warmup=1))
+  c.model.backbone = "resnet50"
+  c.model.backbone_overrides = ml_collections.ConfigDict(TINY_RESNET)
+  c.data.sampler = "m_per_class_replace"
+  c.data.samples_per_class = 2
+  c.optim.optimizer = "adam"
+  c.optim.weight_decay = 1e-4
+  c.optim.groups = (("model/backbone/.*", dict(name="backbone", start_epoch=2)),
+                    ("loss/proxies", dict(name="proxies", lr=4e-2, weight_decay=0.0)),
+                    ("discriminators/.*", dict(name="discriminators", lr=5e-4, weight_decay=1e-4)))
+  return c
+
+
+TINY_CONFIGS = {"dada": dada, "dfml": dfml, "divide_and_conquer": divide_and_conquer, "metric_loss": metric_loss,
                 "proxy_isa": proxy_isa, "vptsp": vptsp}

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 
 import jax.numpy as jnp
 import live
@@ -263,10 +264,23 @@ def test_timm_name_without_network_fails_fast(tmp_path, capsys, monkeypatch):
   monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
   monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
   monkeypatch.setattr(sources, "hub_reachable", lambda timeout=3.0: False)
+  # timm itself is faked (the default suite runs without torch/timm): its hub download fails as it does offline.
+  def create_model(*args, **kwargs):
+    raise RuntimeError("LocalEntryNotFoundError: offline and not in the cache")
+
+  monkeypatch.setitem(sys.modules, "timm", types.SimpleNamespace(create_model=create_model))
+  monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace())
   start = time.monotonic()
   rc, _, err = _run_cli(capsys, "--model", "vit_small_patch16_224.augreg_in21k", "--out", tmp_path / "w", *TINY_ARGS)
   assert rc == 2 and time.monotonic() - start < 20
   assert "no network" in err and str(tmp_path / "empty_cache") in err and "--checkpoint FILE" in err
+
+
+def test_timm_name_without_timm_names_the_extra(tmp_path, capsys, monkeypatch):
+  monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
+  rc, _, err = _run_cli(capsys, "--model", "vit_small_patch16_224.augreg_in21k", "--out", tmp_path / "w", *TINY_ARGS)
+  assert rc == 2 and "not installed" in err and ".[convert]" in err and "--checkpoint" in err
+  assert not (tmp_path / "w").exists()
 
 
 def test_bninception_needs_a_local_checkpoint(tmp_path, capsys):

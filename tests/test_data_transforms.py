@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dml_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
 from dml_jax.data import decode, synthetic, transforms
+from dml_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
 
 
 def _pil(size, fmt="JPEG", mode="RGB", seed=0):
@@ -62,7 +62,7 @@ def test_random_resized_crop_distribution_matches_torchvision(ref, width, height
   # Thin images often exhaust the 10 attempts: the central fallback box must be as frequent.
   share = np.mean([tuple(b) == tuple(expected["fallback"].tolist()) for b in ours])
   assert abs(share - float(expected["fallback_share"])) < 0.02
-  assert all(0 < h <= height and 0 < w <= width and t + h <= height and l + w <= width for t, l, h, w in ours)
+  assert all(0 < h <= height and 0 < w <= width and t + h <= height and left + w <= width for t, left, h, w in ours)
 
 
 FALLBACK_SIZES = [(500, 375), (400, 40), (60, 300), (100, 100)]
@@ -190,3 +190,78 @@ def test_normalizer_bgr_x255_for_bn_inception():
   np.testing.assert_allclose(transforms.Normalizer(cfg)(pixels), expected, atol=1e-4)
   batch = np.stack([pixels, pixels[::-1]])
   np.testing.assert_allclose(transforms.Normalizer(cfg)(batch)[0], expected, atol=1e-4)
+
+
+def _torchvision_autoaugment(img, policy, probs, signs):
+  """(live) torchvision's AutoAugment (ImageNet policy, nearest, no fill) with its random choices given."""
+  import torch
+  from torchvision import transforms as T
+
+  aa = T.AutoAugment(T.AutoAugmentPolicy.IMAGENET)
+  aa.get_params = lambda num: (policy, torch.tensor(probs, dtype=torch.float32), torch.tensor(signs))
+  return aa(img)
+
+
+def _aa_image():
+  return Image.open(io.BytesIO(synthetic.image_bytes(5, (41, 30)))).convert("RGB")
+
+
+@pytest.mark.parametrize("signs", [(0, 0), (1, 1), (0, 1)])
+def test_autoaugment_equals_torchvision_for_every_sub_policy(ref, signs):
+  # Probabilities 0 apply both steps of every sub-policy (the first step of sub-policy 12 has p = 0); the
+  # signs flip the signed magnitudes (rotate, shear, colour, contrast, sharpness).
+  policies = range(len(transforms.AUTOAUGMENT_IMAGENET_POLICY))
+
+  def compute():
+    out = {}
+    for policy in policies:
+      pixels = _pixels(_torchvision_autoaugment(_aa_image(), policy, [0.0, 0.0], list(signs)))
+      out.update({f"{policy}/{k}": v for k, v in pixels.items()})
+    return out
+
+  expected = ref(f"data_transforms/autoaugment_signs_{signs[0]}{signs[1]}", compute)
+  for policy in policies:
+    ours = _pixels(transforms.autoaugment(_aa_image(), policy, np.zeros(2), np.asarray(signs)))
+    assert str(ours["sha256"]) == str(expected[f"{policy}/sha256"]), f"sub-policy {policy}, signs {signs}"
+
+
+AA_SKIPS = [(0, (0.5, 0.1)), (14, (0.7, 0.99)), (18, (0.61, 0.2)), (2, (0.9, 0.9))]
+
+
+def test_autoaugment_skips_steps_above_their_probability(ref):
+  img = lambda: Image.open(io.BytesIO(synthetic.image_bytes(6, (33, 27)))).convert("RGB")  # noqa: E731
+
+  def compute():
+    return {f"{policy}/sha256": _pixels(_torchvision_autoaugment(img(), policy, list(probs), [1, 0]))["sha256"]
+            for policy, probs in AA_SKIPS}
+
+  expected = ref("data_transforms/autoaugment_skips", compute)
+  for policy, probs in AA_SKIPS:
+    ours = _pixels(transforms.autoaugment(img(), policy, np.asarray(probs), np.asarray([1, 0])))
+    assert str(ours["sha256"]) == str(expected[f"{policy}/sha256"]), f"sub-policy {policy}"
+  assert np.array_equal(np.asarray(transforms.autoaugment(img(), 2, np.asarray([0.9, 0.9]), [1, 1])),
+                        np.asarray(img()))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_autoaugment_then_crop_draws_in_torchvision_order(ref, seed):
+  # Compose([AutoAugment(), RandomResizedCrop(32), RandomHorizontalFlip()]): AutoAugment's choices come first
+  # from the image's Generator, then the crop box, then the flip.
+  rng = np.random.default_rng(seed)
+  policy, probs, signs = transforms.autoaugment_params(rng)
+  top, left, h, w = transforms.random_resized_crop_params(rng, 60, 45)
+  flip = rng.random() < 0.5
+
+  def compute():
+    from torchvision import transforms as T
+    from torchvision.transforms import functional as TF
+
+    augmented = _torchvision_autoaugment(_pil((60, 45), seed=seed).convert("RGB"), policy, probs.tolist(),
+                                         signs.tolist())
+    expected = TF.resized_crop(augmented, top, left, h, w, [32, 32], T.InterpolationMode.BILINEAR)
+    return _pixels(TF.hflip(expected) if flip else expected)
+
+  expected = ref(f"data_transforms/autoaugment_then_crop_seed{seed}", compute)
+  got = transforms.train_transform(_pil((60, 45), seed=seed), np.random.default_rng(seed), size=32,
+                                   autoaugment_first=True)
+  assert str(_pixels(got)["sha256"]) == str(expected["sha256"])

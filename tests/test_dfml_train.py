@@ -25,6 +25,19 @@ TINY_DEIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=6, 
 # seed 1): dataset -> (lr, warm, lr-decay-step, lr-decay-gamma, README R@1).
 README = {"cub": (1e-4, 5, 5, 0.5, "79.1"), "cars": (1e-4, 5, 10, 0.5, "89.5"), "sop": (6e-4, 1, 10, 0.25, "84.2")}
 DATASETS = {"cub": "cub200", "cars": "cars196", "sop": "sop"}
+# The objective's literals in the official train.py (wangck20/DFML, commit b08f2a8): loss = criterion(m1)
+# + 0.5 * criterion(m2) + 0.5 * distillation_loss, distillation_loss = 0.1 * sum ||m2 - m1.detach()||
+# + sum over range(12) of 0.00001 * (attention term) / 12 + 0.00001 * (MLP term) / 12; Proxy_Anchor with the
+# parser's --alpha 32 and --mrg 0.1; its deit.py splits every block into 3 sub-blocks (qkv / proj / fc1 / fc2
+# ModuleLists of 3, routers Linear(dim, 3)).
+CODE_OBJECTIVE = dict(name="dfml", num_sub_blocks=3, routed_loss_weight=0.5, distill_loss_weight=0.5,
+                      embedding_distill_weight=0.1, layer_distill_weight=1e-5, layer_distill_divisor=12.0,
+                      loss=dict(alpha=32.0, margin=0.1))
+# timm's deit_small_distilled_patch16_224 (the README's checkpoint): 224 px, 16 px patches, width 384, 12 blocks,
+# 6 heads, cls + dist tokens. Transforms: the Proxy-Anchor code's dataset/utils.make_transform, which DFML's
+# train.py calls with is_inception=False: RandomResizedCrop(224) (torchvision's default scale 0.08-1, ratio
+# 3/4-4/3, bilinear) + RandomHorizontalFlip for training, Resize(256) + CenterCrop(224) for evaluation.
+DEIT_S = dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, distilled=True)
 
 
 def _load(name: str, variant: str = "") -> ml_collections.ConfigDict:
@@ -47,10 +60,14 @@ def test_configs_equal_the_readme_commands(dataset):
       "step", step, gamma, 0)
   assert c.optim.groups == (("loss/.*", dict(name="proxies", lr_mult=100.0)),
                             ("model/.*", dict(name="model", start_epoch=warm)))
-  assert c.model.backbone.startswith("deit_small_distilled_patch16_224") and c.model.embedding_dim == 384
-  assert c.model.backbone_overrides.num_heads == 6 and c.model.weights
-  assert c.method.to_dict() == methods.method_config("dfml").to_dict()  # the code's constants
-  assert c.eval.select_on == "test" and c.eval.select_metric == "recall@1"
+  assert c.model.backbone == "deit_small_distilled_patch16_224.fb_in1k" and c.model.embedding_dim == 384
+  assert dict(c.model.backbone_overrides) == DEIT_S and c.model.weights and c.compute_dtype == "float32"
+  assert c.method.to_dict() == CODE_OBJECTIVE
+  assert (c.dataset.image_size, c.dataset.resize_size, tuple(c.data.scale), tuple(c.data.ratio)) == (
+      224, 256, (0.08, 1.0), (3 / 4, 4 / 3))
+  assert (c.data.flip, c.data.interpolation, c.data.eval_batch_size) == (True, "bilinear", 120)
+  assert c.eval.every_epochs == 1 and c.eval.select_on == "test" and c.eval.select_metric == "recall@1"
+  assert tuple(c.eval.metrics) == ("recall", "nmi", "r_precision", "map@r")
   assert tuple(c.eval.options.recall_ks) == ((1, 10, 100) if dataset == "sop" else (1, 2, 4, 8))
   doc = open(os.path.join(CONFIG_DIR, f"dfml_{dataset}_deit_small.py")).read()
   assert "convert_timm_weights.py" in doc and "python train.py --config configs/dfml_" in doc and r1 in doc

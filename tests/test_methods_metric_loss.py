@@ -127,3 +127,19 @@ def test_weights_that_do_not_fit_stop_with_the_key_list(tmp_path):
   method = methods.build(method_config(weights=str(tmp_path / "w")), num_classes=5)
   params, _ = method.init(jax.random.key(0))
   np.testing.assert_array_equal(params["model"]["backbone"]["pos_embed"], flat["pos_embed"])
+
+
+def test_auto_compute_dtype_is_float32_on_cpu_and_accepted_by_the_config_check():
+  # 'auto' (the VPTSP recipes: the authors trained with fp16 autocast) is bfloat16 on GPU/TPU only.
+  from dml_jax.methods import modeling
+  from dml_jax.train import config as config_lib
+
+  assert jax.default_backend() == "cpu" and modeling.compute_dtype("auto") is None
+  assert modeling.compute_dtype("bfloat16") == jnp.bfloat16
+  c = config_lib.default_config()
+  c.method = methods.method_config("metric_loss")
+  c.compute_dtype = "auto"
+  config_lib.check_config(c, num_devices=1)
+  c.compute_dtype = "float16"
+  with pytest.raises(config_lib.InvalidValueError, match="compute_dtype"):
+    config_lib.check_config(c, num_devices=1)

@@ -193,6 +193,68 @@ def test_demo_proxy_isa_recipe_equals_its_stated_values():
   check_config(c)
 
 
+def test_demo_dfml_recipe_equals_its_stated_values():
+  # DFML's code constants (wangck20/DFML train.py: PA(m1) + 0.5 PA(m2) + 0.5 (0.1 sum ||m2 - sg(m1)|| +
+  # 0.00001 / 12 per block and term), alpha 32, mrg 0.1, 3 sub-blocks, AdamW with weight decay 1e-4, proxies at
+  # 100x lr, clamp 10, StepLR); the demo's docstring: a distilled DeiT of width 48, depth 2, 6 heads, 4x4
+  # patches on 32 px digits, lr 2e-3, batch 64, one warm-up epoch (proxies only), 16 epochs.
+  c = _load(os.path.join(CONFIG_DIR, "demo_dfml.py"))
+  assert c.method.to_dict() == dict(name="dfml", num_sub_blocks=3, routed_loss_weight=0.5, distill_loss_weight=0.5,
+                                    embedding_distill_weight=0.1, layer_distill_weight=1e-5,
+                                    layer_distill_divisor=12.0, loss=dict(alpha=32.0, margin=0.1))
+  assert (c.seed, c.num_epochs, c.dataset.name, c.dataset.image_size, c.dataset.resize_size) == (
+      0, 16, "digits", 32, 32)
+  assert (c.data.batch_size, c.data.eval_batch_size, c.data.sampler, tuple(c.data.scale), c.data.flip) == (
+      64, 128, "random", (0.6, 1.0), False)
+  assert c.model.backbone == "deit_small_distilled_patch16_224" and c.model.weights == ""
+  assert dict(c.model.backbone_overrides) == dict(img_size=32, patch_size=4, depth=2, embed_dim=48, num_heads=6)
+  assert c.model.embedding_dim == 48
+  assert (c.optim.optimizer, c.optim.lr, c.optim.weight_decay, c.optim.clip_value) == ("adamw", 2e-3, 1e-4, 10.0)
+  assert (c.optim.schedule.name, c.optim.schedule.step_size, c.optim.schedule.gamma) == ("step", 8, 0.5)
+  assert c.optim.groups == (("loss/.*", dict(name="proxies", lr_mult=100.0)),
+                            ("model/.*", dict(name="model", start_epoch=1)))
+  assert (tuple(c.eval.metrics), c.eval.every_epochs, c.eval.select_metric, c.eval.before_training) == (
+      ("recall", "map@r"), 4, "recall@1", True)
+  doc = " ".join(open(os.path.join(CONFIG_DIR, "demo_dfml.py")).read().split('"""')[1].split())
+  for stated in ("width 48, depth 2, 6 heads, 4x4 patches", "3 attention and 3 MLP sub-blocks", "(48-d)",
+                 "AdamW with decay on everything, proxies at 100x, clamp 10, StepLR",
+                 "one warm-up epoch in which only the proxies train", "(2e-3) and batch 64"):
+    assert stated in doc, stated
+  check_config(c)
+
+
+def test_demo_dada_recipe_equals_its_stated_values():
+  # DADA's code (Noahsark/DADA, configs/cub200.yaml over parameters.py): intra-class mixup with Beta(3, 0.5),
+  # Proxy-Anchor alpha 40 / 100 at oproxy_ratio 0.0075, d_dis_ratio 0.005, BN on both discriminators' logits,
+  # dropout 0.5, d_step 3, one discriminator-only epoch, StepLR(4, 0.45), Adam, proxies at 0.04, discriminators at
+  # 5e-4 with decay 4e-4; the demo's docstring: widths 16 / 32 in training mode, 16-d, discriminators 64 / 64-32,
+  # network lr 1e-3, batches of 64 (2 per class), 16 epochs, evaluated before training and every 4 epochs.
+  c = _load(os.path.join(CONFIG_DIR, "demo_dada.py"))
+  o = c.method
+  assert (o.name, o.bn_freeze, o.pos_class_mix, o.mix_alpha, o.mix_beta) == ("dada", False, True, 3.0, 0.5)
+  assert (o.loss.pos_alpha, o.loss.neg_alpha, o.oproxy_ratio, o.d_dis_ratio) == (40.0, 100.0, 0.0075, 0.005)
+  assert (o.fd_fc1_dim, o.fc_fc1_dim, o.fc_fc2_dim, o.fd2_bn, o.fc2_bn, o.dropout) == (64, 64, 32, True, True, 0.5)
+  assert (o.d_step, o.g_step, o.d_warmup, o.dis_mode) == (3, 1, 1, "nwd")
+  assert (c.seed, c.num_epochs, c.dataset.name, c.data.batch_size) == (0, 16, "digits", 64)
+  assert (c.data.sampler, c.data.samples_per_class, c.data.augment) == ("m_per_class_replace", 2, "base")
+  assert (c.dataset.image_size, tuple(c.data.scale), c.data.flip) == (32, (0.6, 1.0), False)
+  assert dict(c.model.backbone_overrides) == dict(layers=(1, 1), channels=(16, 32), stem_width=16)
+  assert (c.model.backbone, c.model.embedding_dim, c.model.weights) == ("resnet50", 16, "")
+  assert (c.optim.optimizer, c.optim.lr, c.optim.weight_decay) == ("adam", 1e-3, 1e-4)
+  s = c.optim.schedule
+  assert (s.name, s.step_size, s.gamma, s.offset) == ("step", 4, 0.45, 1)
+  assert c.optim.groups == (("model/backbone/.*", dict(name="backbone", start_epoch=1)),
+                            ("loss/proxies", dict(name="proxies", lr=0.04, weight_decay=0.0)),
+                            ("discriminators/.*", dict(name="discriminators", lr=5e-4, weight_decay=4e-4)))
+  assert (tuple(c.eval.metrics), c.eval.before_training, c.eval.every_epochs) == (("recall", "map@r"), True, 4)
+  doc = " ".join(open(os.path.join(CONFIG_DIR, "demo_dada.py")).read().split('"""')[1].split())
+  for stated in ("widths 16 / 32", "16-d", "Beta(3, 0.5) mixing", "Proxy-Anchor alpha 40 / 100 at weight 0.0075",
+                 "d_dis_ratio 0.005", "3 discriminator steps per iteration", "StepLR(4, 0.45)", "(64 / 64-32)",
+                 "network rate of 1e-3", "every 4 epochs"):
+    assert stated in doc, stated
+  check_config(c)
+
+
 # Every config under configs/ is checked value by value against literal values (the authors' code, README or
 # paper, or the recipe its docstring states) by one of these tests. A pattern that matches no config yet is
 # allowed (a method still on its branch); one that matches must name an existing test.
@@ -207,7 +269,9 @@ RECIPE_TESTS = {
     "proxy_isa_*.py": "test_proxy_isa_train.py::test_released_configs_follow_the_readme_commands",
     "demo_proxy_isa.py": "test_train_configs.py::test_demo_proxy_isa_recipe_equals_its_stated_values",
     "dada_*.py": "test_dada_train.py::test_released_configs_equal_the_official_yaml",
+    "demo_dada.py": "test_train_configs.py::test_demo_dada_recipe_equals_its_stated_values",
     "dfml_*.py": "test_dfml_train.py::test_configs_equal_the_readme_commands",
+    "demo_dfml.py": "test_train_configs.py::test_demo_dfml_recipe_equals_its_stated_values",
 }
 
 

@@ -19,5 +19,9 @@ class HubUnavailableError(UserError, RuntimeError):
   """timm could not get pretrained weights by name (no network, not cached, unknown tag)."""
 
 
-__all__ = ["CheckpointReadError", "HubUnavailableError", "OutDirError", "WeightsMismatchError",
+class MissingDependencyError(UserError, ImportError):
+  """The conversion asked for needs an optional package (torch, timm) that is not installed."""
+
+
+__all__ = ["CheckpointReadError", "HubUnavailableError", "MissingDependencyError", "OutDirError", "WeightsMismatchError",
            "WeightsNotFoundError"]

@@ -16,7 +16,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from dml_jax.convert.errors import CheckpointReadError, HubUnavailableError, WeightsNotFoundError
+from dml_jax.convert.errors import (CheckpointReadError, HubUnavailableError, MissingDependencyError,
+                                   WeightsNotFoundError)
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 # Keys under which training scripts wrap the state dict (DeiT: 'model'; Lightning and others: 'state_dict').
@@ -54,6 +55,19 @@ def _unwrap(obj: Any, source: str, notes: list[str]) -> Mapping[str, Any]:
   return obj
 
 
+def _require(module: str, needed_for: str):
+  """Imports an optional package of the `convert` extra, or stops with the install command."""
+  import importlib
+
+  try:
+    return importlib.import_module(module)
+  except ImportError as e:
+    raise MissingDependencyError(
+        f"{needed_for} needs {module}, which is not installed",
+        "pip install -e '.[convert]' (torch and timm), or convert a .safetensors / .npz file with --checkpoint "
+        "(read without torch)") from e
+
+
 def torch_state_dict_to_numpy(state_dict: Mapping[str, Any], source: str) -> dict[str, np.ndarray]:
   """{name: torch.Tensor} -> {name: np.ndarray}; anything that is not a tensor stops with its key."""
   import torch
@@ -74,7 +88,7 @@ def torch_state_dict_to_numpy(state_dict: Mapping[str, Any], source: str) -> dic
 
 
 def _read_torch_file(path: pathlib.Path) -> SourceWeights:
-  import torch
+  torch = _require("torch", f"reading {path}")
 
   notes: list[str] = []
   try:
@@ -179,7 +193,8 @@ def read_timm_pretrained(name: str, **timm_kwargs: Any) -> tuple[SourceWeights, 
   elif not hub_reachable():
     offline = f"no network: {os.environ.get('HF_ENDPOINT', 'https://huggingface.co')} did not answer"
     _force_offline()
-  import timm
+  _require("torch", f"converting the timm model {name!r}")
+  timm = _require("timm", f"converting the timm model {name!r}")
 
   try:
     model = timm.create_model(name, pretrained=True, **timm_kwargs)

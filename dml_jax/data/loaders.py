@@ -24,7 +24,9 @@ from dml_jax.data.records import Records
 
 _AUGMENT_STREAM = 3
 SAMPLERS = ("m_per_class", "m_per_class_replace", "random")
-AUGMENTATIONS = ("base",)  # 'base': RandomResizedCrop + horizontal flip (torchvision defaults)
+# 'base': RandomResizedCrop + horizontal flip (torchvision defaults); 'autoaugment': AutoAugment (ImageNet
+# policy) on the full image first (DADA's Cars196 recipe).
+AUGMENTATIONS = ("base", "autoaugment")
 
 
 def _check_processes(batch_size: int, process_index: int, process_count: int) -> int:
@@ -199,7 +201,7 @@ def make_train_loader(records: Records, *, batch_size: int, pretrained_cfg: Pret
                       ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True,
                       interpolation: str = "bilinear", fast_decode: bool = True, num_workers: int = 0,
                       prefetch_batches: int = 2, augment: str = "base") -> TrainLoader:
-  """Training batches: RandomResizedCrop(image_size) + flip + the backbone's normalisation.
+  """Training batches: [AutoAugment +] RandomResizedCrop(image_size) + flip + the backbone's normalisation.
 
   Args:
     records: the training split.
@@ -223,7 +225,7 @@ def make_train_loader(records: Records, *, batch_size: int, pretrained_cfg: Pret
   elif sampler.batch_size != batch_size:
     raise ValueError(f"sampler batch size {sampler.batch_size} differs from batch_size {batch_size}")
   kwargs = dict(size=image_size, scale=tuple(scale), ratio=tuple(ratio), flip=flip, interpolation=interpolation,
-                fast_decode=fast_decode)
+                fast_decode=fast_decode, autoaugment_first=augment == "autoaugment")
   return TrainLoader(records, sampler, pretrained_cfg=pretrained_cfg, seed=seed, process_index=process_index,
                      process_count=process_count, num_threads=num_threads, num_workers=num_workers,
                      prefetch_batches=prefetch_batches, transform_kwargs=kwargs)

@@ -1,7 +1,9 @@
 """Image transforms of the seeds, in numpy/PIL, deterministic given a numpy Generator.
 
 train: RandomResizedCrop(size, scale=(0.08, 1), ratio=(3/4, 4/3), bilinear) + horizontal flip (p=0.5),
-       torchvision's sampling (10 attempts, then a central crop at the clamped aspect ratio).
+       torchvision's sampling (10 attempts, then a central crop at the clamped aspect ratio);
+       optionally AutoAugment (ImageNet policy, as torchvision applies it to PIL images) on the full
+       image first (DADA's Cars196 recipe: AutoAugment -> RandomResizedCrop -> flip).
 eval:  Resize(resize_size) of the shorter side (bilinear) + CenterCrop(size), torchvision's rounding.
 Both return uint8 [S, S, 3]; `Normalizer` maps uint8 batches to the backbone's float32 input.
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageOps
 
 from dml_jax.preprocessing import PretrainedCfg
 from dml_jax.data import decode
@@ -61,15 +63,124 @@ def random_resized_crop_params(rng: np.random.Generator, width: int, height: int
   return (height - h) // 2, (width - w) // 2, h, w
 
 
+# AutoAugment's ImageNet policy (Cubuk et al., CVPR 2019) in torchvision's listing: 25 sub-policies of two
+# steps (operation, probability, magnitude bin of 10; None for operations without a magnitude).
+AUTOAUGMENT_IMAGENET_POLICY = (
+    (("Posterize", 0.4, 8), ("Rotate", 0.6, 9)),
+    (("Solarize", 0.6, 5), ("AutoContrast", 0.6, None)),
+    (("Equalize", 0.8, None), ("Equalize", 0.6, None)),
+    (("Posterize", 0.6, 7), ("Posterize", 0.6, 6)),
+    (("Equalize", 0.4, None), ("Solarize", 0.2, 4)),
+    (("Equalize", 0.4, None), ("Rotate", 0.8, 8)),
+    (("Solarize", 0.6, 3), ("Equalize", 0.6, None)),
+    (("Posterize", 0.8, 5), ("Equalize", 1.0, None)),
+    (("Rotate", 0.2, 3), ("Solarize", 0.6, 8)),
+    (("Equalize", 0.6, None), ("Posterize", 0.4, 6)),
+    (("Rotate", 0.8, 8), ("Color", 0.4, 0)),
+    (("Rotate", 0.4, 9), ("Equalize", 0.6, None)),
+    (("Equalize", 0.0, None), ("Equalize", 0.8, None)),
+    (("Invert", 0.6, None), ("Equalize", 1.0, None)),
+    (("Color", 0.6, 4), ("Contrast", 1.0, 8)),
+    (("Rotate", 0.8, 8), ("Color", 1.0, 2)),
+    (("Color", 0.8, 8), ("Solarize", 0.8, 7)),
+    (("Sharpness", 0.4, 7), ("Invert", 0.6, None)),
+    (("ShearX", 0.6, 5), ("Equalize", 1.0, None)),
+    (("Color", 0.4, 0), ("Equalize", 0.6, None)),
+    (("Equalize", 0.4, None), ("Solarize", 0.2, 4)),
+    (("Solarize", 0.6, 5), ("AutoContrast", 0.6, None)),
+    (("Invert", 0.6, None), ("Equalize", 1.0, None)),
+    (("Color", 0.6, 4), ("Contrast", 1.0, 8)),
+    (("Equalize", 0.8, None), ("Equalize", 0.6, None)),
+)
+_MAGNITUDE_BINS = 10
+
+
+def _linspace_float32(start: float, end: float, steps: int) -> list[float]:
+  """torch.linspace in float32 (forward from the start for the first half, back from the end after), so
+  that the magnitudes are the very float32 values torchvision uses (plain rounding differs by an ulp)."""
+  start32, end32 = np.float32(start), np.float32(end)
+  step = (end32 - start32) / np.float32(steps - 1)
+  return [float(start32 + step * np.float32(i)) if i < steps // 2 else float(end32 - step * np.float32(steps - 1 - i))
+          for i in range(steps)]
+
+
+# operation -> (magnitude of each bin, whether a random sign applies)
+_AUTOAUGMENT_MAGNITUDES = {
+    "ShearX": (_linspace_float32(0.0, 0.3, _MAGNITUDE_BINS), True),
+    "Rotate": (_linspace_float32(0.0, 30.0, _MAGNITUDE_BINS), True),
+    "Color": (_linspace_float32(0.0, 0.9, _MAGNITUDE_BINS), True),
+    "Contrast": (_linspace_float32(0.0, 0.9, _MAGNITUDE_BINS), True),
+    "Sharpness": (_linspace_float32(0.0, 0.9, _MAGNITUDE_BINS), True),
+    "Posterize": ([8 - int(round(i / ((_MAGNITUDE_BINS - 1) / 4))) for i in range(_MAGNITUDE_BINS)], False),
+    "Solarize": (_linspace_float32(255.0, 0.0, _MAGNITUDE_BINS), False),
+}
+
+
+def _autoaugment_op(img: Image.Image, op: str, magnitude: float) -> Image.Image:
+  """One AutoAugment operation on an RGB PIL image; geometric ones use nearest neighbours and fill black."""
+  fill = (0,) * len(img.getbands())
+  if op == "ShearX":
+    # A shear of angle atan(magnitude) about the top-left corner; the angle round trip through degrees
+    # reproduces torchvision's affine matrix to the last bit.
+    shear = math.tan(math.radians(math.degrees(math.atan(magnitude))))
+    return img.transform(img.size, Image.AFFINE, (1.0, shear, 0.0, 0.0, 1.0, 0.0), Image.NEAREST, fillcolor=fill)
+  if op == "Rotate":
+    return img.rotate(magnitude, Image.NEAREST, expand=False, fillcolor=fill)
+  if op == "Color":
+    return ImageEnhance.Color(img).enhance(1.0 + magnitude)
+  if op == "Contrast":
+    return ImageEnhance.Contrast(img).enhance(1.0 + magnitude)
+  if op == "Sharpness":
+    return ImageEnhance.Sharpness(img).enhance(1.0 + magnitude)
+  if op == "Posterize":
+    return ImageOps.posterize(img, int(magnitude))
+  if op == "Solarize":
+    return ImageOps.solarize(img, magnitude)
+  if op == "AutoContrast":
+    return ImageOps.autocontrast(img)
+  if op == "Equalize":
+    return ImageOps.equalize(img)
+  if op == "Invert":
+    return ImageOps.invert(img)
+  raise ValueError(f"unknown AutoAugment operation {op!r}")
+
+
+def autoaugment_params(rng: np.random.Generator) -> tuple[int, np.ndarray, np.ndarray]:
+  """torchvision AutoAugment.get_params' draws: (sub-policy index, probabilities float [2], signs int [2])."""
+  policy = int(rng.integers(len(AUTOAUGMENT_IMAGENET_POLICY)))
+  return policy, rng.random(2), rng.integers(0, 2, size=2)
+
+
+def autoaugment(img: Image.Image, policy: int, probs, signs) -> Image.Image:
+  """Sub-policy `policy` of the ImageNet policy: step i applies when probs[i] <= its probability, with the
+  bin's magnitude negated when the operation is signed and signs[i] == 0 (torchvision's rule)."""
+  for i, (op, probability, bin_index) in enumerate(AUTOAUGMENT_IMAGENET_POLICY[policy]):
+    if probs[i] <= probability:
+      magnitude = 0.0
+      if bin_index is not None:
+        values, signed = _AUTOAUGMENT_MAGNITUDES[op]
+        magnitude = values[bin_index]
+        if signed and signs[i] == 0:
+          magnitude = -magnitude
+      img = _autoaugment_op(img, op, magnitude)
+  return img
+
+
 def train_transform(img: Image.Image, rng: np.random.Generator, *, size: int = 224,
                     scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
                     flip: bool = True, interpolation: str = "bilinear", fast_decode: bool = True,
-                    ref: str = "<image>") -> np.ndarray:
-  """RandomResizedCrop + RandomHorizontalFlip on a lazily opened image -> uint8 [size, size, 3].
+                    autoaugment_first: bool = False, ref: str = "<image>") -> np.ndarray:
+  """[AutoAugment] + RandomResizedCrop + RandomHorizontalFlip on a lazily opened image -> uint8 [size, size, 3].
 
   The crop box is drawn on the full-resolution size (read from the header), then the JPEG is drafted
-  so that the box keeps at least `size` pixels per side.
+  so that the box keeps at least `size` pixels per side. With `autoaugment_first` (ImageNet policy, drawn
+  before the crop, as torchvision's Compose([AutoAugment(), RandomResizedCrop, flip]) draws), the whole
+  image is decoded: AutoAugment's histogram operations see every pixel.
   """
+  if autoaugment_first:
+    augmented = autoaugment(decode.to_rgb(img, ref), *autoaugment_params(rng))
+    return train_transform(augmented, rng, size=size, scale=scale, ratio=ratio, flip=flip,
+                           interpolation=interpolation, fast_decode=False, ref=ref)
   width, height = img.size
   top, left, h, w = random_resized_crop_params(rng, width, height, scale, ratio)
   do_flip = flip and rng.random() < 0.5

@@ -16,6 +16,7 @@ from dml_jax.methods.base import HostBatch, HostState, Method, Phase, StepInfo
 
 # Registry name -> module. Modules are imported on first use, so `import dml_jax.methods` stays light.
 METHODS: dict[str, str] = {
+    "dada": "dml_jax.methods.dada",
     "dfml": "dml_jax.methods.dfml",
     "divide_and_conquer": "dml_jax.methods.divide_and_conquer",
     "metric_loss": "dml_jax.methods.metric_loss",

@@ -19,11 +19,18 @@ from dml_jax import backbones
 
 
 def compute_dtype(name: str | None) -> Any:
-  """config.compute_dtype -> a dtype to cast to, or None for float32 (no casts)."""
+  """config.compute_dtype -> a dtype to cast to, or None for float32 (no casts).
+
+  'auto' is bfloat16 on a GPU or TPU and float32 on a CPU: the recipes whose authors trained with fp16 autocast
+  (VPTSP-G) use it, so they run in reduced precision where it pays and stay exact where parity is tested
+  (bf16 matmuls on a CPU are emulated and slower than float32).
+  """
+  if name == "auto":
+    name = "bfloat16" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "float32"
   if name in (None, "", "float32"):
     return None
   if name != "bfloat16":
-    raise ValueError(f"config.compute_dtype must be 'float32' or 'bfloat16', got {name!r}")
+    raise ValueError(f"config.compute_dtype must be 'float32', 'bfloat16' or 'auto', got {name!r}")
   return jnp.dtype(name)
 
 

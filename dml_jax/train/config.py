@@ -8,7 +8,8 @@ A config file is one `get_config()` that starts from `default_config()`, puts th
 Keys:
   seed                      model init, sampling, augmentation (the loader derives its streams from it)
   num_epochs                epochs to train
-  compute_dtype             'float32' | 'bfloat16' (forward/backward; parameters and optimizer stay float32)
+  compute_dtype             'float32' | 'bfloat16' | 'auto' (bfloat16 on GPU/TPU, float32 on CPU): the forward/
+                            backward; parameters, optimizer state and the loss stay float32
   method.*                  the method's own keys; `method.name` is its registry name (dml_jax.methods)
   dataset.*                 name, data_root ('' = the dataset's default; digits: ~/.cache/dml_jax), source,
                             image_size, resize_size (eval: Resize -> CenterCrop image_size),
@@ -20,7 +21,8 @@ Keys:
   data.*                    batch_size (global), sampler ('random' | 'm_per_class' | 'm_per_class_replace';
                             a method may supply its own per epoch), samples_per_class, steps_per_epoch
                             (0 = len(train) // batch), eval_batch_size, num_threads, num_workers,
-                            augment ('base'), scale, ratio, flip, interpolation (RandomResizedCrop + flip)
+                            augment ('base' | 'autoaugment': AutoAugment's ImageNet policy first), scale,
+                            ratio, flip, interpolation (RandomResizedCrop + flip)
   model.*                   backbone (registry name, optionally 'name.tag' for the preprocessing of that
                             tag), weights (converted weights directory, '' = random init),
                             backbone_overrides (architecture kwargs), embedding_dim
@@ -43,7 +45,7 @@ import ml_collections
 
 from dml_jax.errors import InvalidValueError
 
-COMPUTE_DTYPES = ("float32", "bfloat16")
+COMPUTE_DTYPES = ("float32", "bfloat16", "auto")
 
 
 def default_config() -> ml_collections.ConfigDict:
