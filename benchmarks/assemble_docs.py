@@ -21,6 +21,7 @@ SECTIONS = (  # (heading, file in docs/benchmarks/)
     ("Proxy-ISA step", "proxy_isa.md"),
     ("DFML train step", "dfml.md"),
     ("DADA iteration", "dada.md"),
+    ("GPU suite", "gpu_suite.md"),
 )
 
 INTRO = """# Benchmarks

@@ -43,6 +43,8 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str] | None]] = {
     "proxy_isa_step": ("proxy_isa_step.py", ["--quick"], ["--out", "docs/benchmarks/proxy_isa.md"]),
     "dfml_step": ("dfml_step.py", ["--quick"],
                   ["--batch", "8", "--steps", "5", "--warmup", "2", "--out", "docs/benchmarks/dfml.md"]),
+    # Needs a GPU: `python benchmarks/gpu_suite.py --out docs/benchmarks/gpu_suite.md` on one (see its docstring).
+    "gpu_suite": ("gpu_suite.py", ["--quick"], None),
 }
 
 

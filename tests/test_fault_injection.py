@@ -169,7 +169,7 @@ def assert_consistent(workdir: pathlib.Path) -> None:
   try:
     for step in checkpoints.committed_steps():
       meta = checkpoints.read_meta(step)
-      restored = checkpoints._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+      restored = checkpoints._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
       assert ckpt_lib.checksums(restored.state) == meta["checksums"]["state"], step
   finally:
     checkpoints.close()

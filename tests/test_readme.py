@@ -39,6 +39,9 @@ SKIPPED = {
     r"configs/(cars_vitb|proxy_anchor_cub_resnet50)\.py --workdir runs/(cars_vitb|pa_cub) (?!.*--eval_only)":
         "trains on the real dataset from converted ImageNet weights (hours); tests/test_vptsp_train.py runs "
         "cars_vitb.py on a generated tree with a shrunk ViT",
+    r"--coordinator_address=host0:1234 --num_processes=2 --process_id=[01]": "two hosts; tests/test_multihost.py "
+                                                                              "runs these two commands on localhost",
+    r"^srun ": "needs a SLURM cluster (the same program as the two-host commands, its flags from SLURM's environment)",
 }
 # Appended to `train.py --config configs/demo.py`: no progress bars in the captured output.
 DEMO_FLAGS = ["--config.log.progress=False"]
@@ -187,7 +190,8 @@ def test_readme_commands_run_as_written(tmp_path):
         _check_demo_docstring(output)
       ran.append(part)
   # Exactly the listed commands were skipped, each pattern once: a new README command either runs or is listed.
-  assert len(skipped) == len(SKIPPED) + 2, skipped  # two downloaded checkpoints, two real-data trainings
+  # Two downloaded checkpoints, two real-data trainings, two hosts: patterns that match two commands each.
+  assert len(skipped) == len(SKIPPED) + 3, skipped
   for expected in ("python -m dml_jax.evaluate", "python -m dml_jax.data verify", "python -m dml_jax.data prepare",
                    "python convert_timm_weights.py", "--eval_only"):
     assert any(expected in part for part in ran), (expected, ran)

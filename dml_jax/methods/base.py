@@ -39,8 +39,9 @@ Between epochs (host side)
   {'step', 'params', 'opt_state', 'method_state', 'rng'}. A mid-epoch resume does not run
   on_epoch_start again (the checkpoint holds its effects). ctx (train.loop.TrainContext) offers the
   config, the training records, `embed_records(state, records, feature=None)`, `set_params(state,
-  {path: value})` (shapes may change; the groups holding those paths restart their optimizer state) and
-  `reset_optimizer(state, group_names)`.
+  {path: value})` (shapes may change; the groups holding those paths restart their optimizer state),
+  `reset_optimizer(state, group_names)` and `share(value)` (process 0's JSON-able value on every process: a
+  host-side decision, e.g. a clustering, that several processes must take alike).
   `train_sampler(epoch, state, ctx) -> BatchSampler | None`: the epoch's batches (None: the config's
   sampler). It must be a pure function of (epoch, state): a resumed epoch rebuilds it.
 
@@ -58,7 +59,8 @@ Configuration
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Hashable, Mapping, NamedTuple
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np

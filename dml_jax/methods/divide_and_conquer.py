@@ -643,6 +643,10 @@ class DivideAndConquerMethod(Method):
     assignments, new_k, info = recluster(
         features, labels, previous, k, split=split, niter=int(c.niter), trials=int(c.trials), seed=int(c.seed),
         backend=c.backend, inverse_bug=bool(c.reassign_inverse_bug), supervised=bool(c.supervised))
+    # Several processes: process 0's clustering for all (k-means on hosts of different CPUs may differ in a
+    # tie, and every process must sample the same global batches).
+    shared = ctx.share([assignments.tolist(), int(new_k), info])
+    assignments, new_k, info = np.asarray(shared[0], np.int64), int(shared[1]), shared[2]
     if split:
       masks = split_masks(np.asarray(state["params"]["model"]["masks"]), k, o.variant)
       state = ctx.set_params(state, {"model/masks": masks})  # the masks' optimizer state restarts

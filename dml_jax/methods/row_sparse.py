@@ -27,7 +27,8 @@ next batch may use the same rows), which removes the asynchronous-dispatch overl
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -56,6 +57,16 @@ class HostRowTable:
   @property
   def num_parameters(self) -> int:
     return int(self.num_rows * np.prod(self.row_shape, dtype=np.int64))
+
+
+def _put(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+  """Host rows -> a device array with `sharding` (replicated over the mesh, which may span processes).
+
+  Every process holds the same rows (the tables follow the global batch), so each fills its own devices.
+  jax.device_put would do the same but, for a sharding that spans processes, first checks with an all-gather
+  that every process passes equal values: a collective per table and moment in every step.
+  """
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
 class RowSparseTables(HostState):
@@ -131,12 +142,12 @@ class RowSparseTables(HostState):
     for name in self.tables:
       old = p_leaves[buffers[name]]
       r = self._check_rows(name, rows, old.shape[0])
-      p_leaves[buffers[name]] = jax.device_put(self.values[name][r], old.sharding)
+      p_leaves[buffers[name]] = _put(self.values[name][r], old.sharding)
       for key, i in moments[name].items():
         table = self.moments[name].get(key)
         if table is None:  # zeros, as a fresh optimizer state; untouched pages cost no memory
           table = self.moments[name][key] = np.zeros_like(self.values[name])
-        o_leaves[i] = jax.device_put(table[r], o_leaves[i].sharding)
+        o_leaves[i] = _put(table[r], o_leaves[i].sharding)
     return {**state, "params": jax.tree.unflatten(p_def, p_leaves),
             "opt_state": jax.tree.unflatten(o_def, o_leaves)}
 

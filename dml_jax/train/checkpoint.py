@@ -32,7 +32,8 @@ import os
 import pathlib
 import shutil
 import zlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -97,6 +98,23 @@ def _write_json_atomically(path: pathlib.Path, value: dict) -> None:
     os.close(directory)
 
 
+def _array_tree_handler() -> ocp.PyTreeCheckpointHandler:
+  """orbax's handler for a tree of jax and numpy arrays (the format of StandardSave), with replicated arrays
+  written whole by the devices of process 0.
+
+  orbax's default on CPU ("replica-parallel") splits each replicated array into one slice per device, written
+  by different devices: every slice is a small compiled program of its own, seconds of CPU per save of a
+  ViT's few hundred arrays, for states that are small next to the disk's speed.
+  """
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False)),
+      (np.ndarray, ocp.type_handlers.NumpyHandler()),
+      (np.number, ocp.type_handlers.ScalarHandler()),
+      (int, ocp.type_handlers.ScalarHandler()),
+      (float, ocp.type_handlers.ScalarHandler()))
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
 def has_committed_step(workdir: str | os.PathLike) -> bool:
   """Whether `workdir` has a manifest naming a step (read only: creates nothing; a damaged manifest counts, so
   that opening the checkpoints reports it)."""
@@ -133,8 +151,11 @@ class Checkpoints:
     self.root = pathlib.Path(workdir).absolute() / "checkpoints"
     self.keep_last, self.keep_best, self.read_only = keep_last, keep_best, read_only
     self.is_main = jax.process_index() == 0
-    self._manager = ocp.CheckpointManager(self.root / STEPS_DIR, options=ocp.CheckpointManagerOptions(
-        max_to_keep=None, create=not read_only, enable_async_checkpointing=False))
+    self._manager = ocp.CheckpointManager(
+        self.root / STEPS_DIR, options=ocp.CheckpointManagerOptions(
+            max_to_keep=None, create=not read_only, enable_async_checkpointing=False),
+        item_handlers={"state": _array_tree_handler(), "host": _array_tree_handler(),
+                       "meta": ocp.JsonCheckpointHandler()})
     self.manifest = self._read_manifest()
     if not read_only:
       self._remove_uncommitted()
@@ -178,27 +199,34 @@ class Checkpoints:
     return self.manifest["best"]
 
   def _remove_uncommitted(self) -> None:
-    """Step folders the manifest does not name: what a killed save left behind."""
-    if not self.is_main:
-      return
+    """Step folders the manifest does not name: what a killed save left behind.
+
+    Every process takes part (orbax's delete is a collective: a barrier on every process, the files removed
+    by process 0), after a barrier, so that every process lists the steps before any is removed.
+    """
     keep = set(self.committed_steps())
-    for step in self._manager.all_steps():
-      if step not in keep:
-        self._delete(step)
+    stale = [step for step in self._manager.all_steps() if step not in keep]
+    _sync("dml_jax checkpoints opened")
+    for step in stale:
+      self._delete(step)
     steps_dir = self.root / STEPS_DIR
-    if steps_dir.is_dir():  # orbax's temporary folders of an interrupted write
+    if self.is_main and steps_dir.is_dir():  # orbax's temporary folders of an interrupted write
       for entry in steps_dir.iterdir():
         if entry.is_dir() and not entry.name.isdigit():
           shutil.rmtree(entry, ignore_errors=True)
-    for entry in self.root.glob(_tmp_name(self.manifest_path) + "*"):  # a manifest never renamed into place
-      entry.unlink(missing_ok=True)
+    if self.is_main:  # a manifest never renamed into place
+      for entry in self.root.glob(_tmp_name(self.manifest_path) + "*"):
+        entry.unlink(missing_ok=True)
+    _sync("dml_jax checkpoints cleaned")
     self._manager.reload()
 
   def _delete(self, step: int) -> None:
+    """Removes a step folder; called on every process (orbax's delete holds a barrier)."""
     try:
       self._manager.delete(step)
     except Exception:  # noqa: BLE001 (a half-written folder orbax does not recognise)
-      shutil.rmtree(self.step_path(step), ignore_errors=True)
+      if self.is_main:
+        shutil.rmtree(self.step_path(step), ignore_errors=True)
 
   # -- saving -------------------------------------------------------------------------------------
 
@@ -209,9 +237,9 @@ class Checkpoints:
       raise RuntimeError("this Checkpoints object is read-only")
     step = int(step)
     meta = {**meta, "array_shapes": array_shapes(state), "checksums": {"state": checksums(state)}}
-    items = dict(state=ocp.args.StandardSave(state))
+    items = dict(state=ocp.args.PyTreeSave(state))
     if host is not None:
-      items["host"] = ocp.args.StandardSave(host)
+      items["host"] = ocp.args.PyTreeSave(host)
       meta["checksums"]["host"] = checksums(host)
     items["meta"] = ocp.args.JsonSave(meta)
     if step in self._manager.all_steps():  # e.g. re-reaching a step whose earlier save was never committed
@@ -242,11 +270,10 @@ class Checkpoints:
       _write_json_atomically(self.manifest_path, manifest)
     _sync(f"dml_jax checkpoint {step}")
     self.manifest = manifest
-    if self.is_main:
-      keep = set(self.committed_steps())
-      for old in self._manager.all_steps():
-        if old not in keep:
-          self._delete(old)
+    keep = set(self.committed_steps())
+    for old in self._manager.all_steps():  # every process: see _delete
+      if old not in keep:
+        self._delete(old)
 
   # -- restoring ----------------------------------------------------------------------------------
 
@@ -257,9 +284,11 @@ class Checkpoints:
     meta = self.read_meta(step)
     if not isinstance(meta, dict) or "checksums" not in meta:
       raise ValueError("its meta has no checksums")
-    items = dict(state=ocp.args.StandardRestore(make_abstract(meta)), meta=ocp.args.JsonRestore())
+    abstract = make_abstract(meta)
+    items = dict(state=ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(
+        abstract)), meta=ocp.args.JsonRestore())
     if "host" in meta["checksums"]:
-      items["host"] = ocp.args.StandardRestore()
+      items["host"] = ocp.args.PyTreeRestore()
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     parts = [("state", restored.state)] + ([("host", restored.host)] if "host" in items else [])
     for name, tree in parts:
@@ -338,9 +367,9 @@ class Checkpoints:
     for step in self.committed_steps():
       try:
         meta = self.read_meta(step)
-        items = dict(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+        items = dict(state=ocp.args.PyTreeRestore(), meta=ocp.args.JsonRestore())
         if "host" in meta["checksums"]:
-          items["host"] = ocp.args.StandardRestore()
+          items["host"] = ocp.args.PyTreeRestore()
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         if all(checksums(restored[name]) == meta["checksums"][name] for name in items if name != "meta"):
           return step

@@ -15,9 +15,12 @@ directory (the workdir must be on a file system all hosts see).
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Any
 
 import jax
+import numpy as np
 
 from dml_jax.errors import UserError
 
@@ -49,3 +52,46 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   else:
     jax.distributed.initialize()
 
+
+
+# -- agreeing across processes ------------------------------------------------------------------------------
+
+_BUCKET_WORDS = 1024  # payloads are padded to multiples of 4 KiB, so that a few compiled broadcasts serve all
+
+
+def _broadcast_words(words: np.ndarray) -> np.ndarray:
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.broadcast_one_to_all(words))
+
+
+def broadcast_json(value: Any) -> Any:
+  """Process 0's `value` (anything `json` writes) on every process; the value itself with one process.
+
+  Host-side decisions that every process must take alike (the metrics that select the best checkpoint, a
+  method's host-computed state) are computed once, on process 0, and shared with this: results computed
+  separately could differ in the last bit between hosts of different CPUs (BLAS, FAISS), and one differing
+  decision (a checkpoint saved as 'best' on one host only) stalls every process at its next barrier.
+  Floats travel as JSON text, which round-trips float64 exactly. Other processes pass any placeholder.
+  """
+  if jax.process_count() == 1:
+    return value
+  payload = json.dumps(value).encode() if jax.process_index() == 0 else b""
+  # The length first (one word), then the bytes in int32 words (psum-broadcast works on numbers).
+  size = int(_broadcast_words(np.asarray([len(payload)], np.int32))[0])
+  words = -(-size // 4)
+  padded = np.zeros(-(-max(words, 1) // _BUCKET_WORDS) * _BUCKET_WORDS, np.int32)
+  if jax.process_index() == 0:
+    raw = payload + b"\0" * (4 * words - size)
+    padded[:words] = np.frombuffer(raw, np.int32)
+  data = _broadcast_words(padded)
+  return json.loads(data.view(np.uint8)[:size].tobytes().decode())
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process when `flag` is true on any (e.g. a SIGTERM that reached one host first)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+
+  return bool(np.asarray(multihost_utils.process_allgather(np.asarray(int(bool(flag)), np.int32))).max())

@@ -25,7 +25,8 @@ import json
 import pathlib
 import threading
 import time
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -36,18 +37,17 @@ from dml_jax import methods as methods_lib
 from dml_jax import preprocessing
 from dml_jax import pytree as tree_lib
 from dml_jax.data.readers import folder as folder_lib
+from dml_jax.errors import UserError
 from dml_jax.eval import embed as embed_lib
 from dml_jax.eval import protocols
 from dml_jax.eval import saved as saved_lib
 from dml_jax.methods.base import HostBatch
+from dml_jax.preemption import PreemptionHandler
 from dml_jax.train import checkpoint as ckpt_lib
 from dml_jax.train import config as config_lib
-from dml_jax.train import logs
-from dml_jax.train import optim
+from dml_jax.train import distributed, logs, optim
 from dml_jax.train import step as step_lib
-from dml_jax.errors import UserError
-from dml_jax.preemption import PreemptionHandler
-from dml_jax.workdir_lock import WorkdirLock
+from dml_jax.workdir_lock import LOCK_NAME, WorkdirLock
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
@@ -90,6 +90,11 @@ class TrainContext:
   def reset_optimizer(self, state: dict, group_names: Iterable[str]) -> dict:
     """The train state with fresh optimizer states for the named groups (settings names)."""
     return self._trainer.reset_optimizer(state, group_names)
+
+  def share(self, value: Any) -> Any:
+    """Process 0's `value` (anything `json` writes) on every process: a host-side decision (a clustering) that
+    every process must take alike, computed on each and taken from process 0 (`distributed.broadcast_json`)."""
+    return distributed.broadcast_json(value)
 
 
 def carve_validation(records: data_lib.Records, fraction: float, seed: int):
@@ -201,6 +206,9 @@ class Trainer:
     self.config = config
     self.workdir = pathlib.Path(workdir)
     if not for_training and not ckpt_lib.has_committed_step(self.workdir):  # before any work, creating nothing
+      if jax.process_index() == 0 and (self.workdir / LOCK_NAME).exists():
+        # A training run that has not committed yet holds it: say that (WorkdirLockedError), not 'no checkpoint'.
+        WorkdirLock(self.workdir, echo=_echo).acquire().release()
       raise ckpt_lib.CheckpointError(f"no checkpoint under {self.workdir.absolute() / 'checkpoints'}",
                                      "train first (the same --workdir), or pass the --workdir of a training run")
     self.is_main = jax.process_index() == 0
@@ -210,9 +218,7 @@ class Trainer:
     self.train_loader = self._train_loader(self.default_sampler)
     self._eval_loaders = {name: self.eval_loader(recs) for name, recs in self.eval_splits.items()}
     self._check_evaluation(for_training)
-    if self.is_main:
-      self._lock = WorkdirLock(self.workdir, echo=_echo)
-      self._lock.acquire()
+    self._take_lock()
     try:
       self.checkpoints = ckpt_lib.Checkpoints(self.workdir, keep_last=config.checkpoint.keep_last,
                                               keep_best=config.checkpoint.keep_best)
@@ -222,6 +228,26 @@ class Trainer:
       raise
     self.ctx = TrainContext(config=config, mesh=self.mesh, train_records=self.train_records,
                             steps_per_epoch=len(self.train_loader), log=_echo, _trainer=self)
+
+  def _take_lock(self) -> None:
+    """Process 0 takes the workdir's lock for the whole group (the processes share the workdir); the others
+    wait for its outcome, so that a workdir in use stops every process with the same error (rather than
+    leaving the others stalled at their first barrier) and none reads the checkpoints before the lock is held."""
+    failure = None
+    if self.is_main:
+      self._lock = WorkdirLock(self.workdir, echo=_echo)
+      try:
+        self._lock.acquire()
+      except Exception as e:  # noqa: BLE001 (re-raised below, after the other processes learnt of it)
+        self._lock, failure = None, e
+    if jax.process_count() > 1:
+      shared = distributed.broadcast_json(None if failure is None else (
+          [failure.message, failure.hint] if isinstance(failure, UserError) else
+          [f"process 0 could not lock the workdir ({type(failure).__name__}: {failure})", None]))
+      if shared is not None and failure is None:
+        raise UserError(shared[0], shared[1])
+    if failure is not None:
+      raise failure
 
   def _check_evaluation(self, for_training: bool) -> None:
     """Mistakes that would otherwise stop the run at its first evaluation or in the middle of an epoch, after
@@ -441,7 +467,13 @@ class Trainer:
     c = self.config.eval
     protocol, options = (self.val_protocol, {**dict(c.options), **self.val_options}) if split == "val" else (
         self.protocol, dict(c.options))
-    return protocols.evaluate(protocol, emb, labels, records.roles[indices], metrics=list(c.metrics), **options)
+    # Computed once, on process 0, and shared: every process must select the same best checkpoint
+    # (distributed.broadcast_json). Every process holds all embeddings (embed_dataset gathers them).
+    values = None
+    if self.is_main:
+      values = protocols.evaluate(protocol, emb, labels, records.roles[indices], metrics=list(c.metrics), **options)
+      values = {k: float(v) for k, v in values.items()}
+    return distributed.broadcast_json(values)
 
   def evaluate_checkpoint(self, which: str = ckpt_lib.BEST) -> dict[str, dict[str, float]]:
     if self.checkpoints.latest_step() is None:
@@ -548,7 +580,7 @@ class Trainer:
       images_seen, train_time = images_seen + seen, train_time + seconds
       state = self.method.on_epoch_end(epoch, state, self.ctx)
       step = int(state["step"])
-      if self._stop.requested and self._evaluates_after(epoch):
+      if self._stop_requested() and self._evaluates_after(epoch):
         # Stop now rather than after the evaluation, which may outlast a preemption's grace period: the
         # checkpoint says that its evaluation is pending, and the resumed run does it first, on this state.
         progress.epoch = epoch + 1
@@ -565,7 +597,7 @@ class Trainer:
         self._log_evaluation(row, epoch, step)
       if is_best:
         self._save_best_embeddings(epoch, step)
-      if self._stop.requested:
+      if self._stop_requested():
         raise self._stop.stopped(f"after epoch {epoch} (step {step}); checkpoint saved in "
                                  f"{self.checkpoints.step_path(step)}")
 
@@ -631,7 +663,7 @@ class Trainer:
       log.add(step, metrics, c.data.batch_size)
       every = c.checkpoint.every_steps
       # A signal during the epoch's last step is handled at the epoch's end (`_run`), after the epoch-end hook.
-      preempted = self._stop.requested and iterator.step < len(self.train_loader)
+      preempted = self._stop_requested(step) and iterator.step < len(self.train_loader)
       if (every and (step + 1) % every == 0 and iterator.step < len(self.train_loader)) or preempted:
         log.flush()  # never save a state that follows a non-finite loss
         mid = _Progress(epoch=epoch, best=progress.best, data_state=iterator.get_state())
@@ -647,6 +679,19 @@ class Trainer:
     _echo(f"epoch {epoch}: {seen} images in {seconds:.1f} s ({seen / max(seconds, 1e-9):.1f} images/s), "
           f"learning rates: " + ", ".join(f"{k} {float(v):.3g}" for k, v in lrs.items()))
     return state, seen, seconds
+
+  def _stop_requested(self, step: int | None = None) -> bool:
+    """Whether a SIGTERM / SIGINT asks to save and stop, after update `step` (None: at an epoch end).
+
+    With several processes every one must stop after the same step (a save is a collective), while the
+    signal may reach the hosts a step apart: the processes share their flags every log.every_steps steps
+    and at epoch ends (one small all-gather each time), and stop when any was signalled.
+    """
+    if jax.process_count() == 1:
+      return self._stop.requested
+    if step is not None and (step + 1) % self.config.log.every_steps:
+      return False
+    return distributed.any_process(self._stop.requested)
 
   def _host_batch(self, iterator: data_lib.TrainEpochIterator) -> HostBatch:
     rows = iterator.global_indices(iterator.step - 1)
