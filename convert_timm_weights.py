@@ -37,18 +37,19 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from dml_jax import cli
-from dml_jax.preprocessing import PretrainedCfg
 from dml_jax.backbones.registry import get_entry, get_pretrained_cfg
 from dml_jax.convert.families import convert
 from dml_jax.convert.sources import SourceWeights, read_checkpoint, read_timm_pretrained
 from dml_jax.convert.state_dict_reader import StateDictReader
 from dml_jax.convert.weights_dir import check_out_dir, strict_update, write_weights_dir
 from dml_jax.errors import InvalidValueError, UserError, close_matches
+from dml_jax.preprocessing import PretrainedCfg
 
 # Our architecture arguments that timm's model functions set themselves or do not know.
 _NOT_FOR_TIMM = ("distilled", "dtype", "param_dtype")

@@ -48,7 +48,8 @@ CASES = {
 
 
 def class_sizes(num_items: int, num_classes: int, kind: str, rng: np.random.Generator) -> np.ndarray:
-  """Class sizes summing to num_items: 'sop' = 2..12 (geometric-like, mean ~5.3), 'longtail' = lognormal(sigma 0.8), >= 2."""
+  """Class sizes summing to num_items, each >= 2: 'sop' = 2..12 (geometric-like, mean ~5.3), 'longtail' =
+  lognormal(sigma 0.8)."""
   if kind == "sop":
     values = np.arange(2, 13)
     probabilities = 0.72 ** values

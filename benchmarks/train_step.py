@@ -59,7 +59,8 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -150,7 +151,8 @@ def make_ours(model: str, batch: int, dtype: str, depth: int | None = None) -> I
 
   from dml_jax import methods
   from dml_jax import pytree as tree_lib
-  from dml_jax.train import optim, step as step_lib
+  from dml_jax.train import optim
+  from dml_jax.train import step as step_lib
 
   c = _ours_config(model, batch, dtype, depth)
   method = methods.build(c, num_classes=NUM_CLASSES)
@@ -586,11 +588,11 @@ def main() -> None:
            args.dtype, "--hlo-report", args.hlo_report, "--trace", args.trace, "--trace-top", str(args.trace_top)]
     if args.quick:
       cmd.append("--quick")
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
       if not line.startswith("RESULT "):
         print(line)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
       print(f"{model} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
       failed.append(model)

@@ -23,7 +23,8 @@ import os
 import re
 import sys
 import traceback
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from dml_jax.errors import EXIT_USER_ERROR, UserError, close_matches
 

@@ -12,7 +12,7 @@ Error classes that existed before keep their old base class beside UserError (e.
 from __future__ import annotations
 
 import difflib
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 EXIT_USER_ERROR = 2  # argparse's status for usage errors; a scheduler should not retry these
 

@@ -27,7 +27,7 @@ import math
 import os
 import sys
 import zipfile
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from dml_jax.cli import Stopped
 
@@ -72,7 +72,7 @@ class PreemptionHandler:
   def signal_name(self) -> str | None:
     return None if self.signum is None else signal.Signals(self.signum).name
 
-  def install(self) -> "PreemptionHandler":
+  def install(self) -> PreemptionHandler:
     if threading.current_thread() is not threading.main_thread():
       raise RuntimeError("PreemptionHandler.install() must run in the main thread (signals are delivered there)")
     for signum in self.signals:
@@ -85,7 +85,7 @@ class PreemptionHandler:
       signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
     self._previous.clear()
 
-  def __enter__(self) -> "PreemptionHandler":
+  def __enter__(self) -> PreemptionHandler:
     return self.install()
 
   def __exit__(self, *exc) -> None:

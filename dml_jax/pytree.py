@@ -6,7 +6,8 @@ inside a jitted function they cost trace time only, never per-step time.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import jax
 

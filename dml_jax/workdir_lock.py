@@ -26,7 +26,7 @@ import shlex
 import socket
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from dml_jax.errors import UserError
 
@@ -55,7 +55,7 @@ class LockHolder:
     return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
   @classmethod
-  def parse(cls, text: str) -> "LockHolder | None":
+  def parse(cls, text: str) -> LockHolder | None:
     try:
       data = json.loads(text)
       return cls(host=str(data["host"]), pid=int(data["pid"]), started=str(data["started"]),
@@ -140,7 +140,7 @@ class WorkdirLock:
   def locked(self) -> bool:
     return self._fd is not None
 
-  def acquire(self) -> "WorkdirLock":
+  def acquire(self) -> WorkdirLock:
     if self.locked:
       raise RuntimeError(f"{self.path} is already locked by this object")
     if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
@@ -261,7 +261,7 @@ class WorkdirLock:
       except OSError:
         pass
 
-  def __enter__(self) -> "WorkdirLock":
+  def __enter__(self) -> WorkdirLock:
     return self.acquire()
 
   def __exit__(self, *exc) -> None:

@@ -18,7 +18,6 @@ flags.FLAGS.mark_as_parsed()
 
 
 import pytest  # noqa: E402
-
 from reference import References  # noqa: E402
 
 

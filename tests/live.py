@@ -6,7 +6,7 @@ where neither is installed; only a live computation calls them.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 

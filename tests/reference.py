@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 

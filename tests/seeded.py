@@ -7,7 +7,7 @@ committed references only hold the libraries' outputs. No torch here.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

@@ -14,8 +14,15 @@ import jax.numpy as jnp
 import live
 import numpy as np
 import pytest
-from cnn_parity import (calibrated_state_dict, flat_state, forward_features, forward_pooled, load_abstract,
-                        running_stats, torch_stat_key)
+from cnn_parity import (
+  calibrated_state_dict,
+  flat_state,
+  forward_features,
+  forward_pooled,
+  load_abstract,
+  running_stats,
+  torch_stat_key,
+)
 from flax import nnx
 from safetensors.numpy import save_file
 from seeded import cnn_state_dict
@@ -235,7 +242,6 @@ def test_layout_mode_switch_and_registered_variant(ref):
 @pytest.mark.parametrize("kind", [pytest.param(".pth", marks=pytest.mark.parity), ".safetensors"])
 def test_convert_cli_reads_cadenes_checkpoint_form(ref, tmp_path, capsys, kind):
   import convert_timm_weights as cli
-
   from dml_jax.backbones import create
   from dml_jax.convert.weights_dir import read_weights_dir
 

@@ -13,18 +13,25 @@ import jax.numpy as jnp
 import live
 import numpy as np
 import pytest
-from cnn_parity import (calibrated_state_dict, flat_state, forward_features, forward_pooled, load_abstract,
-                        running_stats, torch_stat_key)
+from cnn_parity import (
+  calibrated_state_dict,
+  flat_state,
+  forward_features,
+  forward_pooled,
+  load_abstract,
+  running_stats,
+  torch_stat_key,
+)
 from flax import nnx
 from safetensors.numpy import save_file
 from seeded import cnn_state_dict
 
 from dml_jax.backbones import get_entry
 from dml_jax.backbones.batchnorm import BatchNorm, batch_stats_frozen, set_batch_stats_frozen
-from dml_jax.preprocessing import PretrainedCfg
 from dml_jax.backbones.resnet import PRETRAINED_CFGS, ResNet
 from dml_jax.convert import StateDictReader, WeightsMismatchError, strict_update
 from dml_jax.convert.resnet import from_torch
+from dml_jax.preprocessing import PretrainedCfg
 
 RESNET50 = dict(layers=(3, 4, 6, 3), channels=(64, 128, 256, 512), stem_width=64)
 # timm's 7x7 stem is always 64 wide; only the stage widths shrink.
@@ -60,7 +67,8 @@ def _timm_features(model, x):
 
 
 def _timm_tiny_module():
-  from timm.models.resnet import Bottleneck, ResNet as TimmResNet
+  from timm.models.resnet import Bottleneck
+  from timm.models.resnet import ResNet as TimmResNet
 
   return TimmResNet(block=Bottleneck, layers=[1, 1, 1, 1], channels=(8, 16, 32, 64), num_classes=10)
 
@@ -291,7 +299,6 @@ def test_registered_variant_and_pretrained_cfgs(ref):
 @pytest.mark.parametrize("kind", [pytest.param(".pth", marks=pytest.mark.parity), ".safetensors"])
 def test_convert_cli_writes_what_from_torch_gives(ref, tmp_path, capsys, kind):
   import convert_timm_weights as cli
-
   from dml_jax.backbones import create
   from dml_jax.convert.weights_dir import read_weights_dir
 

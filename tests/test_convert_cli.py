@@ -25,9 +25,9 @@ from seeded import timm_vit_state_dict
 
 import convert_timm_weights as cli
 from dml_jax.backbones import create, get_entry, list_models
-from dml_jax.preprocessing import PretrainedCfg
 from dml_jax.convert.errors import WeightsMismatchError
 from dml_jax.convert.weights_dir import read_weights_dir, write_weights_dir
+from dml_jax.preprocessing import PretrainedCfg
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4)

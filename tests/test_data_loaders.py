@@ -8,9 +8,18 @@ import os
 import numpy as np
 import pytest
 
+from dml_jax.data import (
+  CorruptImageError,
+  GroupedSampler,
+  MPerClassSampler,
+  RandomSampler,
+  load_dataset,
+  make_eval_loader,
+  make_train_loader,
+  synthetic,
+  transforms,
+)
 from dml_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
-from dml_jax.data import (CorruptImageError, GroupedSampler, MPerClassSampler, RandomSampler, load_dataset,
-                          make_eval_loader, make_train_loader, synthetic, transforms)
 
 CFG = PretrainedCfg(mean=IMAGENET_MEAN, std=IMAGENET_STD)
 _SIZES = {0: 1}  # class 0 has a single image: the m-per-class sampler must repeat it

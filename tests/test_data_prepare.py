@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dml_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
 from dml_jax.data import load_dataset, make_train_loader, prepare, synthetic
 from dml_jax.data.__main__ import main as cli_main
+from dml_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
 
 CFG = PretrainedCfg(mean=IMAGENET_MEAN, std=IMAGENET_STD)
 

@@ -7,17 +7,17 @@ import os
 import numpy as np
 import pytest
 
-from dml_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
 from dml_jax.data import DatasetLayoutError, load_dataset, make_eval_loader, synthetic
 from dml_jax.data.tfds_source import read_tfds
+from dml_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
 
 CFG = PretrainedCfg(mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
 def test_cub_tfds_resplit_by_class(tmp_path):
-  train = [dict(label=l, **{"image/filename": f"{l + 1:03d}.X/{n}.jpg"}) for l, n in
+  train = [dict(label=lab, **{"image/filename": f"{lab + 1:03d}.X/{n}.jpg"}) for lab, n in
            [(5, "b"), (0, "z"), (99, "a"), (100, "c"), (150, "d"), (5, "a")]]
-  test = [dict(label=l, **{"image/filename": f"{l + 1:03d}.X/{n}.jpg"}) for l, n in
+  test = [dict(label=lab, **{"image/filename": f"{lab + 1:03d}.X/{n}.jpg"}) for lab, n in
           [(0, "a"), (99, "q"), (120, "e"), (199, "f")]]
   synthetic.tfds_dataset(str(tmp_path), "caltech_birds2011", {"train": train, "test": test})
   splits = read_tfds("cub200", str(tmp_path), cache_dir=str(tmp_path / "cache"))
@@ -40,8 +40,8 @@ def test_cub_tfds_resplit_by_class(tmp_path):
 
 def test_cars_and_sop_tfds(tmp_path):
   synthetic.tfds_dataset(str(tmp_path), "cars196", {
-      "train": [dict(label=l, id=f"{i:05d}") for i, l in enumerate([0, 97, 98, 195, 10])],
-      "test": [dict(label=l, id=f"{i:05d}") for i, l in enumerate([0, 98, 100])]})  # ids repeat across splits
+      "train": [dict(label=lab, id=f"{i:05d}") for i, lab in enumerate([0, 97, 98, 195, 10])],
+      "test": [dict(label=lab, id=f"{i:05d}") for i, lab in enumerate([0, 98, 100])]})  # ids repeat across splits
   cars = load_dataset("cars196", source="tfds", tfds_data_dir=str(tmp_path))
   assert (len(cars.train), cars.train.num_classes, len(cars.eval), cars.eval.num_classes) == (4, 3, 4, 3)
   assert len(set(cars.train.paths.tolist())) == 4  # (split, index) keeps duplicate ids apart

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-
 from seeded import cnn_state_dict
 
 from dml_jax import methods

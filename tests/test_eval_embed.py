@@ -75,7 +75,8 @@ def test_batches_are_sharded_over_four_devices():
       jitted = jax.jit(lambda x: jnp.mean(x, axis=(1, 2)))
       seen = []
       def embed_fn(images):
-        seen.append((len(images.sharding.device_set), images.sharding.spec if hasattr(images.sharding, "spec") else None))
+        spec = images.sharding.spec if hasattr(images.sharding, "spec") else None
+        seen.append((len(images.sharding.device_set), spec))
         return jitted(images)
       for batch_size, expect_devices in ((8, 4), (6, 1)):  # 6 rows do not split over 4 devices
         seen.clear()

@@ -1,4 +1,5 @@
-"""Parity of dml_jax.losses with pytorch-metric-learning (PML 2.9) and with references written from the authors' formulas.
+"""Parity of dml_jax.losses with pytorch-metric-learning (PML 2.9) and with references written from the authors'
+formulas.
 
 JAX runs in float32, the references in float64; values and gradients (w.r.t. embeddings and the loss's
 learnable parameters) must agree within 1e-5 relative to the reference's largest magnitude. Batches
@@ -275,7 +276,7 @@ def test_multi_similarity_too_few_pairs_is_zero_like_pml(ref):
     return {"one_pair": one_pair.item(), "two_pairs": two_pairs.item()}
 
   expected = ref("losses/multi_similarity_explicit_pairs_pml", compute)
-  loss = jax.jit(lambda e, l, pm, nm: dl.multi_similarity_loss(e, l, pair_masks=(pm, nm)))
+  loss = jax.jit(lambda e, lab, pm, nm: dl.multi_similarity_loss(e, lab, pair_masks=(pm, nm)))
   value = loss(x, labels, pos_mask, neg_mask)
   assert float(value) == 0.0 == float(expected["one_pair"])
   value = loss(x, labels, pos_mask, more_neg_mask)

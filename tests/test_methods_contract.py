@@ -15,11 +15,12 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from method_configs import TINY_CONFIGS
 
 from dml_jax import methods
 from dml_jax import pytree as tree_lib
-from dml_jax.train import checkpoint as ckpt_lib, loop, step as step_lib
-from method_configs import TINY_CONFIGS
+from dml_jax.train import loop
+from dml_jax.train import step as step_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -86,7 +87,8 @@ def test_method_contract(name, tmp_path):
     for (path, a), b in zip(tree_lib.flatten(state).items(), tree_lib.flatten(restored).values()):
       assert np.asarray(a).tobytes() == np.asarray(b).tobytes(), path
     if host_saved is not None:
-      for (path, a), b in zip(tree_lib.flatten(host_saved).items(), tree_lib.flatten(trainer.host.state_dict()).values()):
+      now = tree_lib.flatten(trainer.host.state_dict()).values()
+      for (path, a), b in zip(tree_lib.flatten(host_saved).items(), now):
         np.testing.assert_array_equal(a, b, err_msg=path)
   finally:
     trainer.close()

@@ -29,7 +29,8 @@ def method_config(backbone="vit_small_patch16_224", head="linear", overrides=Non
 
 def _batch(n=8, seed=1):
   rng = np.random.default_rng(seed)
-  return {"image": jnp.asarray(rng.normal(size=(n, 32, 32, 3)), jnp.float32), "label": jnp.arange(n, dtype=jnp.int32) % 5}
+  return {"image": jnp.asarray(rng.normal(size=(n, 32, 32, 3)), jnp.float32),
+          "label": jnp.arange(n, dtype=jnp.int32) % 5}
 
 
 def _loss(method, params, state, batch):
@@ -111,9 +112,10 @@ def test_bfloat16_compute_keeps_float32_gradients():
 
 
 def test_weights_that_do_not_fit_stop_with_the_key_list(tmp_path):
+  from flax import nnx
+
   from dml_jax.convert.errors import WeightsMismatchError
   from dml_jax.convert.weights_dir import write_weights_dir
-  from flax import nnx
 
   source = backbones.create("vit_small_patch16_224", **TINY_VIT)  # depth 2
   flat = {"/".join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(source, nnx.Param))}

@@ -19,7 +19,8 @@ import pytest
 from dml_jax import pytree as tree_lib
 from dml_jax.methods import HostBatch, Method
 from dml_jax.methods.row_sparse import HostRowTable, RowSparseTables
-from dml_jax.train import optim, step as step_lib
+from dml_jax.train import optim
+from dml_jax.train import step as step_lib
 
 NUM_ROWS, ROW_SHAPE, BATCH_ROWS = 6, (2, 3), 3
 BUFFER = "model/bank_rows"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from dml_jax.train import loop
-
 from test_train_fit import demo_config
+
+from dml_jax.train import loop
 
 
 def test_demo_recall_rises_and_checkpoint_evaluates(tmp_path):

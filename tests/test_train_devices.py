@@ -67,7 +67,7 @@ def _start(num_devices: int, out: pathlib.Path) -> subprocess.Popen:
 def _result(proc: subprocess.Popen) -> dict:
   stdout, stderr = proc.communicate(timeout=900)
   assert proc.returncode == 0, stderr[-4000:]
-  line = [l for l in stdout.splitlines() if l.startswith("RESULT ")][-1]
+  line = [line for line in stdout.splitlines() if line.startswith("RESULT ")][-1]
   return json.loads(line[len("RESULT "):])
 
 

@@ -53,7 +53,8 @@ def train_losses(workdir):
 
 
 def restore_state(workdir, step):
-  return ocp.StandardCheckpointer().restore(pathlib.Path(workdir).absolute() / "checkpoints" / "steps" / str(step) / "state")
+  path = pathlib.Path(workdir).absolute() / "checkpoints" / "steps" / str(step) / "state"
+  return ocp.StandardCheckpointer().restore(path)
 
 
 def test_resume_after_an_epoch_gives_identical_losses_and_frozen_stays_bit_identical(tmp_path, monkeypatch):

@@ -14,9 +14,10 @@ import numpy as np
 import optax
 import pytest
 
-from dml_jax.methods import Method
 from dml_jax import pytree as tree_lib
-from dml_jax.train import optim, step as step_lib
+from dml_jax.methods import Method
+from dml_jax.train import optim
+from dml_jax.train import step as step_lib
 from dml_jax.train.schedules import EpochSchedule
 
 SHAPES = {"model/backbone/w": (3, 4), "model/backbone/bn/scale": (4,), "model/head/kernel": (4, 2),

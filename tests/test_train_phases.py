@@ -12,7 +12,8 @@ import pytest
 
 from dml_jax import pytree as tree_lib
 from dml_jax.methods import Method, Phase
-from dml_jax.train import optim, step as step_lib
+from dml_jax.train import optim
+from dml_jax.train import step as step_lib
 
 DIM = 4
 

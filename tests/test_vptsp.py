@@ -19,14 +19,13 @@ import pytest
 from seeded import timm_vit_state_dict
 
 from dml_jax import losses, methods
+from dml_jax import pytree as tree_lib
 from dml_jax.backbones import get_entry
 from dml_jax.backbones.registry import get_pretrained_cfg
 from dml_jax.convert import vit as convert_vit
 from dml_jax.convert.state_dict_reader import StateDictReader
 from dml_jax.convert.weights_dir import write_weights_dir
-from dml_jax import pytree as tree_lib
-from dml_jax.methods import HostBatch, StepInfo
-from dml_jax.methods import vptsp
+from dml_jax.methods import HostBatch, StepInfo, vptsp
 from dml_jax.train import optim
 from dml_jax.train.config import check_config, default_config
 

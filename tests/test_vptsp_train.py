@@ -17,10 +17,11 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from dml_jax import backbones, methods
+from dml_jax import pytree as tree_lib
 from dml_jax.backbones.registry import get_pretrained_cfg
 from dml_jax.convert.weights_dir import model_shapes, write_weights_dir
-from dml_jax import pytree as tree_lib
-from dml_jax.train import loop, optim, step as step_lib
+from dml_jax.train import loop, optim
+from dml_jax.train import step as step_lib
 from dml_jax.train.config import check_config
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dml_jax.backbones.batchnorm import BatchNorm
-from dml_jax.preprocessing import PretrainedCfg
 from dml_jax.backbones.registry import register
+from dml_jax.preprocessing import PretrainedCfg
 
 # pretrainedmodels' `pretrained_settings['bninception']['imagenet']`; resize 256 -> crop 224 as in the
 # DML code bases.

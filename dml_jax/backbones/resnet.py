@@ -16,15 +16,15 @@ batch-statistics / frozen-statistics switch.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from dml_jax.backbones.batchnorm import BatchNorm
-from dml_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
 from dml_jax.backbones.registry import register
+from dml_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
 
 EXPANSION = 4
 

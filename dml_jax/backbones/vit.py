@@ -43,16 +43,17 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dml_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, PretrainedCfg
 from dml_jax.backbones.registry import register
 from dml_jax.backbones.weights import register_load_adapter
+from dml_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, PretrainedCfg
 
 _LN_EPS = 1e-6
 _INIT_STD = 0.02  # timm's trunc_normal_(std=.02) for Linear weights, pos_embed and dist_token

@@ -23,5 +23,6 @@ class MissingDependencyError(UserError, ImportError):
   """The conversion asked for needs an optional package (torch, timm) that is not installed."""
 
 
-__all__ = ["CheckpointReadError", "HubUnavailableError", "MissingDependencyError", "OutDirError", "WeightsMismatchError",
+__all__ = ["CheckpointReadError", "HubUnavailableError", "MissingDependencyError", "OutDirError",
+           "WeightsMismatchError",
            "WeightsNotFoundError"]

@@ -8,8 +8,9 @@ A module may also expose `from_big_vision(reader, arch)` for Google `.npz` check
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from types import ModuleType
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 

@@ -12,12 +12,17 @@ import os
 import pathlib
 import urllib.error
 import urllib.request
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
-from dml_jax.convert.errors import (CheckpointReadError, HubUnavailableError, MissingDependencyError,
-                                   WeightsNotFoundError)
+from dml_jax.convert.errors import (
+  CheckpointReadError,
+  HubUnavailableError,
+  MissingDependencyError,
+  WeightsNotFoundError,
+)
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 # Keys under which training scripts wrap the state dict (DeiT: 'model'; Lightning and others: 'state_dict').

@@ -16,7 +16,8 @@ through unchanged and the strict shape check names it.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 

@@ -12,13 +12,25 @@ import json
 import os
 import pathlib
 import tempfile
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
-from dml_jax.backbones.weights import (FORMAT_VERSION, LOADED, META_FILE, PARAMS_FILE,  # noqa: F401 (re-exported)
-                                       WeightsMismatchError, WeightsNotFoundError, load_weights_into, model_shapes,
-                                       path_key, read_weights_dir, register_load_adapter, strict_update)
+from dml_jax.backbones.weights import (  # noqa: F401 (re-exported)
+  FORMAT_VERSION,
+  LOADED,
+  META_FILE,
+  PARAMS_FILE,
+  WeightsMismatchError,
+  WeightsNotFoundError,
+  load_weights_into,
+  model_shapes,
+  path_key,
+  read_weights_dir,
+  register_load_adapter,
+  strict_update,
+)
 from dml_jax.convert.errors import OutDirError
 from dml_jax.preprocessing import PretrainedCfg
 

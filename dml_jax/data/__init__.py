@@ -15,8 +15,14 @@ from __future__ import annotations
 from dml_jax.data import digits as _digits
 from dml_jax.data.digits import ensure_digits_tree
 from dml_jax.data.errors import CorruptImageError, DatasetLayoutError, MissingFilesError, UnreadableImagesError
-from dml_jax.data.loaders import (EvalLoader, TrainEpochIterator, TrainLoader, make_eval_loader, make_sampler,
-                                  make_train_loader)
+from dml_jax.data.loaders import (
+  EvalLoader,
+  TrainEpochIterator,
+  TrainLoader,
+  make_eval_loader,
+  make_sampler,
+  make_train_loader,
+)
 from dml_jax.data.prepare import find_prepared, prepare, read_prepared
 from dml_jax.data.readers import DATASETS, read_raw
 from dml_jax.data.readers.common import require_decodable

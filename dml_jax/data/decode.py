@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Union
 
 import numpy as np
 from PIL import Image
@@ -16,7 +15,7 @@ from PIL import Image
 from dml_jax.data.errors import CorruptImageError
 
 # A path on disk, or the encoded bytes of one image (prepared shards, tfds records).
-ImageSource = Union[str, os.PathLike, bytes]
+ImageSource = str | os.PathLike | bytes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 

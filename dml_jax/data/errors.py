@@ -6,7 +6,7 @@ All are UserErrors (one `error:` line on the command line, dml_jax.cli) and keep
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from dml_jax.errors import UserError
 

@@ -12,15 +12,16 @@ Evaluation: records in order, padded to whole global batches (valid=False on pad
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import grain
 import numpy as np
 
-from dml_jax.preprocessing import PretrainedCfg
 from dml_jax.data import samplers as samplers_lib
 from dml_jax.data import transforms
 from dml_jax.data.records import Records
+from dml_jax.preprocessing import PretrainedCfg
 
 _AUGMENT_STREAM = 3
 SAMPLERS = ("m_per_class", "m_per_class_replace", "random")

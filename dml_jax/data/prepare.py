@@ -28,8 +28,8 @@ from PIL import Image
 
 from dml_jax.data import decode, transforms
 from dml_jax.data.errors import DatasetLayoutError
-from dml_jax.errors import UserFileExistsError
 from dml_jax.data.records import DatasetSplits, Records
+from dml_jax.errors import UserFileExistsError
 
 log = logging.getLogger("dml_jax.data")
 

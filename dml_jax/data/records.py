@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image

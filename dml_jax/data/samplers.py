@@ -8,7 +8,8 @@ grain pipelines, split each global batch across processes and decode/augment the
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -156,7 +157,7 @@ class GroupedSampler:
     num_groups = len(self.samplers)
     rounds = -(-self.steps // num_groups)
     per_group = []
-    for g, (sampler, members) in enumerate(zip(self.samplers, self.members)):
+    for sampler, members in zip(self.samplers, self.members):
       # A group whose epoch is shorter than `rounds` continues with its following epochs, so a
       # (seed, epoch) pair still determines everything.
       n = len(sampler)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
@@ -191,7 +191,7 @@ def inaturalist(root: str, dirname: str = "inaturalist", *, lists_subdir: str = 
                          ("test", range(num_train_classes, num_train_classes + num_test_classes))):
     lines = []
     for c in classes:
-      for k in range(_per_class(c)):
+      for _ in range(_per_class(c)):
         rel = f"train_val2018/{kingdoms[c % 3]}/{1000 + c}/{image:032x}.jpg"
         _write(os.path.join(folder, rel), image, size)
         lines.append(rel)

@@ -148,7 +148,7 @@ def _index(dataset: str, builder, sources, splits, num_threads: int, cache_dir: 
       os.makedirs(cache_dir, exist_ok=True)
       tmp = f"{cache_file}.{os.getpid()}"
       with open(tmp, "w") as f:
-        json.dump({s: {"labels": l.tolist(), "names": n} for s, (l, n) in zip(splits, result)}, f)
+        json.dump({s: {"labels": labels_.tolist(), "names": n} for s, (labels_, n) in zip(splits, result)}, f)
       os.replace(tmp, cache_file)
     except OSError as e:
       common.log.warning("cannot cache the tfds label index in %s: %s", cache_dir, e)
@@ -174,9 +174,9 @@ def read_tfds(dataset: str, tfds_data_dir: str | None, *, data_root: str | None 
   sources = open_sources(builder_name, data_dir, splits)
   index = _index(dataset, builder, sources, splits, num_threads,
                  default_cache_dir() if cache_dir == "default" else cache_dir)
-  split_of = np.concatenate([np.full(len(l), k, np.int64) for k, (l, _) in enumerate(index)])
-  idx_in = np.concatenate([np.arange(len(l), dtype=np.int64) for l, _ in index])
-  labels = np.concatenate([l for l, _ in index])
+  split_of = np.concatenate([np.full(len(labels_), k, np.int64) for k, (labels_, _) in enumerate(index)])
+  idx_in = np.concatenate([np.arange(len(labels_), dtype=np.int64) for labels_, _ in index])
+  labels = np.concatenate([labels_ for labels_, _ in index])
   names = [n for _, ns in index for n in ns]
   refs = [f"tfds:{builder_name}/{splits[s]}[{i}]" + (f" {n}" if n else "") for s, i, n in zip(split_of, idx_in,
                                                                                                 names)]

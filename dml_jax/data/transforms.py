@@ -20,8 +20,8 @@ import math
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from dml_jax.preprocessing import PretrainedCfg
 from dml_jax.data import decode
+from dml_jax.preprocessing import PretrainedCfg
 
 _INTERPOLATION = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 

@@ -8,7 +8,7 @@ order: metrics are then computed identically on every process.
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import jax
 import numpy as np

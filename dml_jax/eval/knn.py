@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Iterator, Literal
+from collections.abc import Iterator
+from typing import Literal
 
 import jax
 import jax.numpy as jnp

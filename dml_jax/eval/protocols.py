@@ -27,7 +27,8 @@ MAP@R (`map_r_variant='class_size'`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

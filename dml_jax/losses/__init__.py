@@ -13,8 +13,7 @@ from dml_jax.losses.multi_similarity import multi_similarity_loss
 from dml_jax.losses.norm_softmax import norm_softmax_loss
 from dml_jax.losses.proxy_anchor import proxy_anchor_loss
 from dml_jax.losses.proxy_nca import proxy_nca_loss
-from dml_jax.losses.registry import (LOSS_PARAMS, LossSpec, get_loss, get_loss_spec, init_loss_params,
-                                     list_losses)
+from dml_jax.losses.registry import LOSS_PARAMS, LossSpec, get_loss, get_loss_spec, init_loss_params, list_losses
 from dml_jax.losses.triplet import triplet_loss
 
 __all__ = [

@@ -21,7 +21,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 SCHEDULES = ("constant", "step", "multistep", "cosine")
 

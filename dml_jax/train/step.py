@@ -21,13 +21,15 @@ formed; frozen parameters leave the step as the very same buffers (bit-identical
 
 from __future__ import annotations
 
-from typing import Any, Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dml_jax import pytree as tree_lib
 from dml_jax.methods.base import Method, Phase, StepInfo

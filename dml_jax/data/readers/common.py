@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Callable, Sequence
 from concurrent import futures
-from typing import Callable, Sequence
 
 import numpy as np
 

@@ -40,7 +40,7 @@ def class_key(rel_path: str) -> str:
 
 def read_split_list(path: str) -> tuple[list[str], list[str]]:
   """One relative image path per line -> (paths, class keys)."""
-  rel_paths = [l.strip() for l in common.read_lines(path) if l.strip()]
+  rel_paths = [line.strip() for line in common.read_lines(path) if line.strip()]
   keys = []
   for n, p in enumerate(rel_paths, start=1):
     try:

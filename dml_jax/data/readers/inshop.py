@@ -38,7 +38,7 @@ def parse_partition(path: str) -> tuple[list[str], list[int], list[str]]:
 
   Returns (image names, numeric item ids, statuses) in file order.
   """
-  lines = [l for l in common.read_lines(path) if l.strip()]
+  lines = [line for line in common.read_lines(path) if line.strip()]
   if len(lines) < 2 or not lines[0].strip().isdigit():
     raise DatasetLayoutError(NAME, f"{path}: line 1 must be the number of rows, line 2 the header "
                              "'image_name item_id evaluation_status'")

@@ -38,7 +38,7 @@ def parse_ebay_file(path: str) -> tuple[list[int], list[str]]:
 
   Returns (class ids, relative image paths) in file order.
   """
-  lines = [l for l in common.read_lines(path) if l.strip()]
+  lines = [line for line in common.read_lines(path) if line.strip()]
   if not lines or lines[0].split()[:4] != ["image_id", "class_id", "super_class_id", "path"]:
     raise DatasetLayoutError(NAME, f"{path}: expected the header 'image_id class_id super_class_id path', "
                              f"got {lines[0] if lines else '(empty file)'!r}")
