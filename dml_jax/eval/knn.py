@@ -231,12 +231,19 @@ def _faiss_index(faiss, dim: int, metric: str, search_k: int):
   return index
 
 
+_FAISS_MAX_CHUNK = 65536  # queries per FAISS call at most
+_FAISS_RESULT_ENTRIES = 1 << 23  # (score, index) pairs per call: 8.4 M x 12 bytes = 100 MB
+
+
 def _faiss_chunks(queries, gallery, k, metric, exclude_indices, chunk_size):
   faiss = faiss_check.import_faiss()
   any_excluded = bool(np.any(exclude_indices >= 0))
   search_k = k + int(any_excluded)
   index = _faiss_index(faiss, gallery.shape[1], metric, search_k)
   index.add(np.ascontiguousarray(gallery))
+  # FAISS parallelises a search over its queries and multiplies them in blocks of 4096, so calls of ~1000 queries
+  # leave cores idle (measured: 2x slower at k = 13 on 10,000 x 512). Larger calls, kept near 100 MB of results.
+  chunk_size = max(chunk_size, min(_FAISS_MAX_CHUNK, _FAISS_RESULT_ENTRIES // search_k))
   for start in range(0, queries.shape[0], chunk_size):
     stop = min(start + chunk_size, queries.shape[0])
     scores, indices = index.search(np.ascontiguousarray(queries[start:stop]), search_k)

@@ -152,6 +152,8 @@ def _same_label_counts(query_labels: np.ndarray, gallery_labels: np.ndarray) -> 
 
 def _window_sums(relevant: np.ndarray, window: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """relevant bool [c, k], window int [c] -> (hits in the top `window`, sum_{i<=window} P(i) rel_i), float64 [c]."""
+  # Columns past the largest window add nothing: R is a class size (~12 on SOP) while k may be 1,000 (Recall@1000).
+  relevant = relevant[:, :max(int(window.max(initial=0)), 0)]
   in_window = relevant & (np.arange(relevant.shape[1])[None, :] < window[:, None])
   cumulative = np.cumsum(in_window, axis=1, dtype=np.float64)
   precision_sum = np.sum(cumulative * in_window / np.arange(1, relevant.shape[1] + 1)[None, :], axis=1)
