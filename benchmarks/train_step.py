@@ -99,12 +99,13 @@ def _cpu_seconds() -> float:
   return t.user + t.system
 
 
-def _vptsp_cars_config():
-  """configs/vptsp_cars_vits.py, the authors' Cars196 ViT-S/16 setting, on a random frozen ViT (same step time,
-  no converted weights needed)."""
+def vptsp_config(config_file: str = "vptsp_cars_vits.py"):
+  """A released VPTSP-G recipe from configs/ (default configs/vptsp_cars_vits.py, the authors' Cars196 ViT-S/16
+  setting) on a random frozen ViT (same step time, no converted weights needed); tiny under --quick."""
   import importlib.util
 
-  spec = importlib.util.spec_from_file_location("vptsp_cars_vits", os.path.join(REPO, "configs", "vptsp_cars_vits.py"))
+  name = os.path.splitext(os.path.basename(config_file))[0]
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", config_file))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   c = module.get_config()
@@ -115,6 +116,21 @@ def _vptsp_cars_config():
     c.model.backbone_overrides.depth = QUICK["vit_depth"]
     c.method.prompt_depth = c.method.class_prompt_depth = QUICK["vit_depth"]
   return c
+
+
+def _vptsp_cars_config():
+  return vptsp_config("vptsp_cars_vits.py")
+
+
+def batch_labels(c, batch: int, num_classes: int, rng):
+  """Random int32 labels of one batch: VPTSP-G's class_random sampler (B/k distinct classes, k contiguous images
+  each) for method 'vptsp', uniform otherwise."""
+  import numpy as np
+
+  if c.method.name == "vptsp":
+    k = c.data.samples_per_class
+    return np.repeat(rng.choice(num_classes, batch // k, replace=False), k).astype(np.int32)
+  return rng.integers(0, num_classes, size=batch).astype(np.int32)
 
 
 def _ours_config(model: str, batch: int, dtype: str, depth: int | None = None):
@@ -166,11 +182,7 @@ def make_ours(model: str, batch: int, dtype: str, depth: int | None = None) -> I
   state = step_lib.init_train_state(params, method_state, optim.init_group_states(phase, params), jax.random.key(1))
   state = jax.device_put(state, step_lib.replicated(mesh))
   rng = np.random.default_rng(0)
-  if MODELS[model]["head"] == "vptsp":  # B/k distinct classes, k contiguous images each (the class_random sampler)
-    k = c.data.samples_per_class
-    labels = np.repeat(rng.choice(NUM_CLASSES, batch // k, replace=False), k)
-  else:
-    labels = rng.integers(0, NUM_CLASSES, size=batch)
+  labels = batch_labels(c, batch, NUM_CLASSES, rng)
   size = image_size()
   data = step_lib.shard_batch({"image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
                                "label": labels.astype(np.int32)}, mesh)
@@ -190,40 +202,73 @@ def make_ours(model: str, batch: int, dtype: str, depth: int | None = None) -> I
               compiled=compiled, lowered=lowered)
 
 
-def make_torch(model: str, batch: int, dtype: str) -> Impl:
-  """timm + torch.nn.Linear + PML's ProxyAnchorLoss + AdamW; VPTSP-G: the official step restated on timm."""
-  if MODELS[model]["head"] == "vptsp":
+def _proxy_anchor_torch(num_classes: int, dim: int, margin: float = 0.1, alpha: float = 32.0):
+  """Proxy-Anchor (Kim et al., 2020) in plain torch, the formula of PML's ProxyAnchorLoss (cosine, proxies
+  kaiming-normal init): for machines without pytorch-metric-learning."""
+  import torch
+  import torch.nn.functional as F
+
+  class ProxyAnchor(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.proxies = torch.nn.Parameter(torch.empty(num_classes, dim))
+      torch.nn.init.kaiming_normal_(self.proxies, mode="fan_out")
+
+    def forward(self, emb, labels):
+      sims = F.normalize(emb, dim=1) @ F.normalize(self.proxies, dim=1).T
+      pos = F.one_hot(labels, num_classes).bool()
+      zero = torch.zeros(1, num_classes, device=sims.device, dtype=sims.dtype)
+      low = torch.finfo(sims.dtype).min
+      pos_lse = torch.logsumexp(torch.cat([(-alpha * (sims - margin)).masked_fill(~pos, low), zero]), dim=0)
+      neg_lse = torch.logsumexp(torch.cat([(alpha * (sims + margin)).masked_fill(pos, low), zero]), dim=0)
+      with_pos = pos.any(0)
+      return (pos_lse * with_pos).sum() / with_pos.sum().clamp(min=1) + neg_lse.mean()
+
+  return ProxyAnchor()
+
+
+def make_torch(model: str, batch: int, dtype: str, spec: dict | None = None, compile: bool = False) -> Impl:
+  """timm + torch.nn.Linear + PML's ProxyAnchorLoss (plain-torch Proxy-Anchor without PML) + AdamW; VPTSP-G: the
+  official step restated on timm. `spec` overrides MODELS[model] (timm name, head); `compile` wraps forward and
+  loss in torch.compile (the backward follows from it, AOTAutograd; the optimizer step stays eager)."""
+  spec = spec or MODELS[model]
+  if spec["head"] == "vptsp":
     return make_torch_vptsp(batch, dtype)
   import numpy as np
   import timm
   import torch
-  from pytorch_metric_learning import losses as pml_losses
 
   device = "cuda" if torch.cuda.is_available() else "cpu"
   if device == "cpu":
     torch.set_num_threads(os.cpu_count())
   torch.manual_seed(0)
+  is_cnn = spec["head"] == "gap_gmp_linear"
   tiny = {}
   if QUICK["enabled"]:
-    tiny = (dict(layers=list(QUICK["resnet_layers"])) if MODELS[model]["head"] == "gap_gmp_linear"
-            else dict(img_size=QUICK["image_size"], depth=QUICK["vit_depth"]))
-  net = timm.create_model(MODELS[model]["timm"], pretrained=False, num_classes=0, **tiny).to(device).train()
+    tiny = dict(layers=list(QUICK["resnet_layers"])) if is_cnn else dict(img_size=QUICK["image_size"],
+                                                                         depth=QUICK["vit_depth"])
+  net = timm.create_model(spec["timm"], pretrained=False, num_classes=0, **tiny).to(device).train()
   feat_dim = net.num_features
   head = torch.nn.Linear(feat_dim, EMBEDDING).to(device)
   torch.nn.init.kaiming_normal_(head.weight, mode="fan_out")
   torch.nn.init.zeros_(head.bias)
-  criterion = pml_losses.ProxyAnchorLoss(NUM_CLASSES, EMBEDDING, margin=0.1, alpha=32).to(device)
+  try:
+    from pytorch_metric_learning import losses as pml_losses
+
+    criterion = pml_losses.ProxyAnchorLoss(NUM_CLASSES, EMBEDDING, margin=0.1, alpha=32).to(device)
+    loss_name = "PML ProxyAnchorLoss"
+  except ImportError:
+    criterion = _proxy_anchor_torch(NUM_CLASSES, EMBEDDING).to(device)
+    loss_name = "plain-torch Proxy-Anchor"
   opt = torch.optim.AdamW([{"params": list(net.parameters()) + list(head.parameters())},
                            {"params": criterion.parameters(), "lr": LR * 100}], lr=LR, weight_decay=1e-4)
-  is_cnn = MODELS[model]["head"] == "gap_gmp_linear"
   rng = np.random.default_rng(0)
   images = torch.tensor(rng.normal(size=(batch, 3, image_size(), image_size())).astype(np.float32), device=device)
   labels = torch.tensor(rng.integers(0, NUM_CLASSES, size=batch), device=device)
-  autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+  bf16 = dtype == "bfloat16"
 
-  def step():
-    opt.zero_grad(set_to_none=True)
-    with autocast:
+  def forward_loss(images, labels):
+    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
       if is_cnn:
         fmap = net.forward_features(images)
         pooled = fmap.mean(dim=(2, 3)) + fmap.amax(dim=(2, 3))
@@ -231,14 +276,22 @@ def make_torch(model: str, batch: int, dtype: str) -> Impl:
         pooled = net(images)
       emb = head(pooled).float()
     emb = emb / torch.sqrt((emb ** 2).sum(dim=1, keepdim=True) + 1e-12)
-    loss = criterion(emb, labels)
+    return criterion(emb, labels)
+
+  forward = torch.compile(forward_loss) if compile else forward_loss
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    loss = forward(images, labels)
     loss.backward()
     torch.nn.utils.clip_grad_value_(list(net.parameters()) + list(head.parameters()), 10)
     torch.nn.utils.clip_grad_value_(criterion.parameters(), 10)
     opt.step()
     return loss
 
-  return _torch_impl(step, device)
+  impl = _torch_impl(step, device)
+  impl.versions += f"; {loss_name}"
+  return impl
 
 
 def make_torch_vptsp(batch: int, dtype: str) -> Impl:
