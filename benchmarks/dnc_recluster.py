@@ -259,6 +259,18 @@ def main() -> None:
   same = [line[2:] for line in checks]
   if same:
     body += ["", "Same faiss, same seeds: " + "; ".join(same) + "."]
+  words = []
+  for case in args.cases:
+    ref = [r["total_s"] for r in rows if r["case"] == case and r["impl"] == "reference"]
+    for impl in args.impls:
+      mine = [r["total_s"] for r in rows if r["case"] == case and r["impl"] == impl]
+      if impl == "reference" or not ref or not mine:
+        continue
+      ratio = statistics.median(mine) / statistics.median(ref)
+      verdict = "**slower**" if ratio > 1.05 else ("faster" if ratio < 0.95 else "as fast")
+      words.append(f"- {case}: {impl} is {verdict}: {ratio:.2f}x the reference's median total.")
+  if words:
+    body += ["", "In words:", "", *words]
   common.write_section(args.out, "Divide & Conquer re-clustering: dml_jax (faiss, JAX k-means) vs the authors' "
                        "procedure", body)
 
