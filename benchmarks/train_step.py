@@ -692,13 +692,14 @@ _TITLES = {"vit_s16": "ViT-S/16, full fine-tuning (Proxy-Anchor)",
 
 # Said under the figures whenever ours is slower on a CPU; the profiles (--trace) are the evidence.
 _WHY_SLOWER_ON_CPU = (
-    "Why ours is slower on a CPU: the per-op profiles (section 'Training step: per-op profile') put most of both "
-    "steps in the matrix multiplications (ViT) and convolutions (ResNet-50) themselves: XLA:CPU runs them with its "
-    "own kernels, torch with oneDNN / MKL, which are faster on x86 for these shapes. Ours does not do more work: "
-    "XLA's cost analysis counts the FLOPs torch's flop counter counts (benchmarks/dfml_step.py, GFLOP column) and "
-    "the ViT backward has no recomputed fusions (tests/test_vit_fusion.py). XLA's oneDNN option "
-    "(XLA_FLAGS=--xla_cpu_use_onednn=true) did not lower our CPU seconds per step here. On a GPU both sides call "
-    "cuBLAS / cuDNN: these CPU figures say nothing about that (benchmarks/gpu_suite.py).")
+    "Where the time goes: the per-op profiles (section 'Training step: per-op profile') put most of both steps, and "
+    "the difference between them, in the matrix multiplications (ViT: compare the `dot_general` rows with "
+    "`aten::mm` / `aten::addmm`) and convolutions (ResNet-50: XLA:CPU's own convolution kernels against torch's "
+    "oneDNN `mkldnn_convolution`), not in extra ops: XLA's cost analysis counts the FLOPs torch's flop counter counts "
+    "(benchmarks/dfml_step.py, GFLOP column) and the ViT backward has no recomputed fusions "
+    "(tests/test_vit_fusion.py). XLA's oneDNN option (XLA_FLAGS=--xla_cpu_use_onednn=true) did not lower our CPU "
+    "seconds per step here. On a GPU both sides call cuBLAS / cuDNN: these CPU figures say nothing about that "
+    "(benchmarks/gpu_suite.py).")
 
 def markdown(stamp: dict, args, rows: list[dict], results: list[dict], failed: list[str]) -> list[str]:
   """The docs section: stamp, one row per (model, implementation), and the paired ratio said in words."""
