@@ -12,10 +12,13 @@ both discriminators' logits, 3 discriminator steps per iteration, epoch 0 for th
 0.45) after it), smaller discriminators (64 / 64-32) and a network rate of 1e-3 for training from scratch.
 Evaluation: Recall@K and MAP@R on the test digits, leave-one-out, before training and every 4 epochs.
 
-Measured with the command above (2026-12-02, shared 2-core CPU, 1-minute load average 2.3 at the start and 9.7
-at the end): Recall@1 69.6 before training -> 68.2 (epoch 3) -> 75.4 (7) -> 76.5 (11) -> 79.2 (epoch 15);
-MAP@R 18.7 -> 25.5; 2 min 39 s for the whole command (compilation, 5 evaluations and 16 checkpoints included;
-the training epochs took 121 s). tests/test_dada_train.py runs its first 8 epochs.
+Measured with the command above (2026-12-02, shared 2-core CPU, 1-minute load average about 4): Recall@1 69.6
+before training -> 70.1 (epoch 3) -> 67.5 (7) -> 73.2 (11) -> 73.2 (epoch 15); MAP@R 18.7 -> 20.8 (21.8 at epoch
+11, the best Recall@1 checkpoint); 1 min 44 s for the whole command (compilation, 5 evaluations and 16 checkpoints
+included). The adversarial game on a random-init network is sensitive to float rounding: engine and backbone
+changes outside DADA's code (same values, other XLA fusions) moved epoch 7 from 75.4 to 67.5 and epoch 15 from
+79.2 to 73.2.
+tests/test_dada_train.py runs its first 12 epochs.
 """
 
 import ml_collections
