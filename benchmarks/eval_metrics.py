@@ -247,7 +247,7 @@ def _in_words(rows: list[dict], ks: str) -> list[str]:
       why = ""
       if part == "retrieval" and ratio > 1.05 and row["impl"] == "ours_jax":
         why = (" ours_jax is the exact JAX kNN (chunked matmul + top-k over all items), written for GPUs without "
-               "faiss-gpu; on a CPU XLA's top-k over 20,000 columns costs more than FAISS's heap.")
+               "faiss-gpu; on a CPU it is slower than FAISS (compare the ours_auto row).")
       elif part == "retrieval" and ratio > 1.05:
         why = (f" Both search with FAISS, but not equally deep: ours finds the {ks.split(', ')[-1]} nearest "
                f"neighbours of every query (Recall@{{{ks}}}, as the SOP protocol reports it), pml only as many as "
