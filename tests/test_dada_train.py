@@ -142,6 +142,7 @@ def test_cars_recipe_end_to_end_on_generated_data(tmp_path):
   assert abs(results["test"]["recall@1"] - summary["best"]["value"]) < 1e-6
 
 
+@pytest.mark.integration
 def test_demo_recall_rises(tmp_path):
   c = _load("demo_dada")
   c.num_epochs = 12  # the demo's first 12 epochs (same schedule), evaluated at the end as the demo does at epoch 11

@@ -133,6 +133,7 @@ def test_released_configs_start(tmp_path, dataset):
   assert labels == ({"lr/proxies", "lr/model_from_epoch1"} if dataset == "sop" else {"lr/proxies"})
 
 
+@pytest.mark.integration
 def test_demo_recall_rises(tmp_path):
   """configs/demo_dfml.py, first half: Recall@1 and MAP@R on the unseen test digits rise."""
   c = _load("demo_dfml")

@@ -87,6 +87,7 @@ def test_resume_across_reclusterings_is_exact(tmp_path):
   assert counts == {"masks": 3, "backbone": 15, "base": 15}
 
 
+@pytest.mark.integration
 def test_demo_recall_rises(tmp_path):
   c = load_config("demo_dnc.py")
   c.num_epochs = 6  # K grows 1 -> 2 -> 4

@@ -41,6 +41,8 @@ from dml_jax.train import checkpoint as ckpt_lib
 from dml_jax.train import loop
 from dml_jax.workdir_lock import LOCK_NAME, WorkdirLockedError
 
+pytestmark = pytest.mark.integration  # whole train.py processes: `pytest -m integration`
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # The run, as train.py flags over configs/demo.py (the child) and as a config (this process): the same values.

@@ -120,6 +120,7 @@ _DEVICES_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 def test_one_and_eight_devices_take_the_same_step(tmp_path):
   procs = {}
   for n in (1, 8):

@@ -38,6 +38,8 @@ import time
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.integration  # whole train.py processes: `pytest -m integration`
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300  # per phase; a stalled collective ends the test rather than hanging it
 

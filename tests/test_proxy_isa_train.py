@@ -183,6 +183,7 @@ def test_resume_with_a_half_full_memory_is_exact(tmp_path):
   assert int(memory["size"]) == 64 and int(memory["pointer"]) < 48  # wrapped during epoch 2
 
 
+@pytest.mark.integration
 def test_demo_improves_retrieval_with_both_switches(tmp_path):
   c = load_config("demo_proxy_isa")
   c.num_epochs = 4  # the first 4 of the demo's 16 epochs (same schedule): memory from 2, filter from 3

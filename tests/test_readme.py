@@ -28,6 +28,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 SKIPPED = {
     r"pytest -q$": "the test suite itself (.ci/run runs this command)",
     r"pytest -m parity": "needs the `parity` extra (torch, several GB); .ci/run runs this command",
+    r"pytest -m integration": "the integration tests, this one among them (.ci/run runs this command)",
     r"tests/mutation_check\.py$": "runs parts of the test suite ~50 times (minutes); .ci/run runs this command",
     r"benchmarks/run_all\.py --quick$": "every benchmark at tiny sizes (minutes); .ci/run runs this command",
     r"--model vit_base_patch16_224\.augreg_in21k --out": "downloads the weights through timm (network)",
@@ -161,6 +162,7 @@ def _check_demo_docstring(output: str) -> None:
         f"configs/demo.py states {doc_row} {stated[doc_row]}, the demo printed {printed[run_row]}")
 
 
+@pytest.mark.integration
 def test_readme_commands_run_as_written(tmp_path):
   pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
   extras = set(pyproject["project"]["optional-dependencies"])

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from test_train_fit import demo_config
 
 from dml_jax.train import loop
 
 
+@pytest.mark.integration
 def test_demo_recall_rises_and_checkpoint_evaluates(tmp_path):
   c = demo_config()
   c.num_epochs = 8  # the first half of the demo's 16 epochs (same cosine schedule)

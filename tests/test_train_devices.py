@@ -78,6 +78,7 @@ def runs(tmp_path_factory):
   return {n: (_result(p), root / str(n)) for n, p in procs.items()}
 
 
+@pytest.mark.integration
 def test_one_and_eight_devices_agree(runs):
   (one, dir1), (eight, dir8) = runs[1], runs[8]
   assert one["devices"] == 1 and eight["devices"] == 8

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 from flax import nnx
 
 from dml_jax import backbones, methods
@@ -271,6 +272,7 @@ def digits_config(weights: pathlib.Path) -> ml_collections.ConfigDict:
   return c
 
 
+@pytest.mark.integration
 def test_digits_demo_recall_rises_and_the_vit_stays_frozen(tmp_path):
   weights = random_feature_vit_weights(tmp_path / "weights")
   summary = loop.fit(digits_config(weights), tmp_path / "run")
