@@ -113,6 +113,7 @@ def test_released_configs_start(name, tmp_path):
   assert len(losses) == 2 and np.all(np.isfinite(losses))
 
 
+@pytest.mark.integration
 def test_cars_recipe_end_to_end_on_generated_data(tmp_path):
   # The Cars recipe (AutoAugment, frozen BN statistics, no intra-class mixup) with the warm-up cut to 2 epochs so
   # that one short run shows every stage: epoch 0 discriminators only, epoch 1 head-only generator steps,

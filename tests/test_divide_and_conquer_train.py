@@ -58,6 +58,7 @@ def last_state(workdir):
   return step, ocp.StandardCheckpointer().restore(path)
 
 
+@pytest.mark.integration
 def test_resume_across_reclusterings_is_exact(tmp_path):
   # Epochs 0-4, re-clustering at 0, 2 (K 1 -> 2) and 4 (K 2 -> 4). The resumed run stops after epoch 2, then
   # rebuilds epoch 3's batches (the sampler replays epoch 2's passes) and re-clusters at epoch 4 from the

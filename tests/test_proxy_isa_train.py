@@ -166,6 +166,7 @@ def _restore(workdir: pathlib.Path, step: int) -> dict:
   return ocp.StandardCheckpointer().restore(workdir.absolute() / "checkpoints" / "steps" / str(step) / "state")
 
 
+@pytest.mark.integration
 def test_resume_with_a_half_full_memory_is_exact(tmp_path):
   loop.fit(_tiny_run_config(3), tmp_path / "full")
   loop.fit(_tiny_run_config(2), tmp_path / "resumed")

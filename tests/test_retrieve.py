@@ -137,6 +137,7 @@ def test_bad_inputs_stop_with_one_clear_line(setup, tmp_path, capsys):
                                            str(root / "photos"))
 
 
+@pytest.mark.integration
 def test_trained_run_on_a_folder_retrieves_and_plots(setup, tmp_path, monkeypatch, capsys):
   """configs/folder_vits.py shrunk to a tiny random ViT, trained by today's trainer on the folder dataset; the
   run's checkpoint then embeds exactly as its evaluation did, indexes the folder and draws its pictures."""

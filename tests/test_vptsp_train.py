@@ -301,6 +301,7 @@ def test_digits_demo_recall_rises_and_the_vit_stays_frozen(tmp_path):
       assert ours.tobytes() == value.tobytes(), name
 
 
+@pytest.mark.integration
 def test_cars_vitb_config_trains_end_to_end_from_converted_weights(tmp_path):
   """`python train.py --config configs/cars_vitb.py` on a generated Cars196 tree with timm-layout weights
   converted to a weights directory; the architecture is shrunk from the command line (a ViT-B/16 step is
@@ -339,6 +340,7 @@ def test_cars_vitb_config_trains_end_to_end_from_converted_weights(tmp_path):
   assert [r["step"] for r in records if r["kind"] == "train"][-1] == 2
 
 
+@pytest.mark.integration
 def test_memory_bank_trains_in_the_trainer_and_resumes_exactly(tmp_path, capsys):
   """Class prompts in host tables through `fit`: rows of the sampled classes move, the others do not, and
   a run resumed after its first epoch (tables and moments from the checkpoint) repeats the same losses."""
