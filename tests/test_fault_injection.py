@@ -67,12 +67,7 @@ def run_config():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   c = module.get_config()
-  for key, value in OVERRIDES.items():
-    node = c
-    *parents, last = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[last] = value
+  c.update_from_flattened_dict(OVERRIDES)
   return c
 
 

@@ -38,12 +38,7 @@ def tiny_config(**changes):
   c.log.every_steps = 1
   c.log.progress = False
   c.log.plots = False
-  for key, value in changes.items():
-    node = c
-    *parents, last = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[last] = value
+  c.update_from_flattened_dict(changes)  # dotted keys, e.g. {"optim.lr": 0.1}
   return c
 
 

@@ -30,12 +30,7 @@ def demo_config(**changes):
   c = module.get_config()
   c.num_epochs, c.data.batch_size, c.data.steps_per_epoch, c.data.num_threads = 1, 16, 2, 2
   c.eval.before_training, c.log.progress, c.log.tensorboard, c.log.plots = False, False, False, False
-  for key, value in changes.items():
-    node = c
-    *parents, last = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[last] = value
+  c.update_from_flattened_dict(changes)  # dotted keys, e.g. {"optim.lr": 0.1}
   return c
 
 
