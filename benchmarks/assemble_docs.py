@@ -17,6 +17,7 @@ SECTIONS = (  # (heading, file in docs/benchmarks/)
     ("Evaluation metrics", "eval_metrics.md"),
     ("Training step", "train_step.md"),
     ("Training step: per-op profile", "train_step_profile.md"),
+    ("Recomputing fusions per XLA backend", "fusion_backends.md"),
     ("Divide & Conquer re-clustering", "dnc_recluster.md"),
     ("Proxy-ISA step", "proxy_isa.md"),
     ("DFML train step", "dfml.md"),

@@ -160,8 +160,12 @@ def _ours_config(model: str, batch: int, dtype: str, depth: int | None = None):
   return c
 
 
-def make_ours(model: str, batch: int, dtype: str, depth: int | None = None) -> Impl:
-  """The trainer's update step, compiled ahead of time (the same executable `jax.jit` would run)."""
+def make_ours(model: str, batch: int, dtype: str, depth: int | None = None, xla_defaults: bool = False) -> Impl:
+  """The trainer's update step, compiled ahead of time (the same executable `jax.jit` would run).
+
+  xla_defaults: compile with jaxlib's default options instead of dml_jax's (dml_jax/train/compile_options.py),
+  to measure what those options change.
+  """
   import jax
   import numpy as np
 
@@ -179,6 +183,8 @@ def make_ours(model: str, batch: int, dtype: str, depth: int | None = None) -> I
   if batch % mesh.size:
     raise SystemExit(f"--batch {batch} must be a multiple of the {mesh.size} devices")
   cache = step_lib.StepCache(method, mesh, tree_lib.key_index(params))
+  if xla_defaults:
+    cache.compiler_options = None  # read when the step is jitted, below
   state = step_lib.init_train_state(params, method_state, optim.init_group_states(phase, params), jax.random.key(1))
   state = jax.device_put(state, step_lib.replicated(mesh))
   rng = np.random.default_rng(0)
@@ -197,7 +203,8 @@ def make_ours(model: str, batch: int, dtype: str, depth: int | None = None) -> I
 
   flat = tree_lib.flatten(params)
   dev = jax.devices()[0]
-  return Impl(step=step, device=f"{dev.platform} x{mesh.size} ({dev.device_kind})",
+  options = f", XLA options {cache.compiler_options}" if cache.compiler_options else ""
+  return Impl(step=step, device=f"{dev.platform} x{mesh.size} ({dev.device_kind}){options}",
               versions=f"jax {jax.__version__}", trainable=sum(int(flat[p].size) for p in phase.trainable),
               compiled=compiled, lowered=lowered)
 
@@ -541,8 +548,8 @@ def _child(args) -> None:
   startup: dict[str, dict] = {}
   for impl in impls:
     t0 = time.perf_counter()
-    built[impl] = (make_ours(model, args.batch, args.dtype) if impl == "ours"
-                   else make_torch(model, args.batch, args.dtype))
+    built[impl] = (make_torch(model, args.batch, args.dtype) if impl == "torch" else
+                   make_ours(model, args.batch, args.dtype, xla_defaults=impl == "ours_xla_defaults"))
     build_s = time.perf_counter() - t0  # ours: tracing and XLA compilation (ahead of time) included
     warm = []
     for _ in range(args.warmup):
@@ -567,12 +574,14 @@ def _child(args) -> None:
     result["hlo"] = hlo_report(model, args.batch, args.dtype, args.hlo_report, built["ours"])
   if args.trace:
     print(f"RESULT {json.dumps(result)}", flush=True)  # the timings survive a failing trace
-    for name, impl in built.items():
+    for name in ("ours", "torch"):
+      if name not in built:
+        continue
       print(f"per-op trace, {model} {name} (one step, load {os.getloadavg()[0]:.2f}):", flush=True)
       if name == "ours":
-        result["trace_ours"] = trace_ours(impl, os.path.join(args.trace, f"{model}_ours"), args.trace_top)
+        result["trace_ours"] = trace_ours(built[name], os.path.join(args.trace, f"{model}_ours"), args.trace_top)
       else:
-        result["trace_torch"] = trace_torch(impl, args.trace_top)
+        result["trace_torch"] = trace_torch(built[name], args.trace_top)
   print(f"RESULT {json.dumps(result)}", flush=True)
 
 
@@ -594,7 +603,8 @@ def _summary(result: dict, batch: int, dtype: str) -> list[dict]:
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-  p.add_argument("--impls", nargs="+", default=["ours", "torch"], choices=["ours", "torch"])
+  p.add_argument("--impls", nargs="+", default=["ours", "torch"], choices=["ours", "ours_xla_defaults", "torch"],
+                 help="ours_xla_defaults: our step compiled with jaxlib's default options, not dml_jax's")
   p.add_argument("--batch", type=int, default=8, help="global batch (images per step)")
   p.add_argument("--steps", type=int, default=5, help="timed rounds (one step of each implementation per round)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator warm-up)")
@@ -692,14 +702,20 @@ _TITLES = {"vit_s16": "ViT-S/16, full fine-tuning (Proxy-Anchor)",
 
 # Said under the figures whenever ours is slower on a CPU; the profiles (--trace) are the evidence.
 _WHY_SLOWER_ON_CPU = (
-    "Where the time goes: the per-op profiles (section 'Training step: per-op profile') put most of both steps, and "
-    "the difference between them, in the matrix multiplications (ViT: compare the `dot_general` rows with "
-    "`aten::mm` / `aten::addmm`) and convolutions (ResNet-50: XLA:CPU's own convolution kernels against torch's "
-    "oneDNN `mkldnn_convolution`), not in extra ops: XLA's cost analysis counts the FLOPs torch's flop counter counts "
-    "(benchmarks/dfml_step.py, GFLOP column) and the ViT backward has no recomputed fusions "
-    "(tests/test_vit_fusion.py). XLA's oneDNN option (XLA_FLAGS=--xla_cpu_use_onednn=true) did not lower our CPU "
-    "seconds per step here. On a GPU both sides call cuBLAS / cuDNN: these CPU figures say nothing about that "
-    "(benchmarks/gpu_suite.py).")
+    "Where the time goes. The FLOPs are the same: XLA's cost analysis counts what torch's flop counter counts "
+    "(benchmarks/dfml_step.py, GFLOP column). The ViT backward has no recomputing fusions, on CPU or GPU "
+    "(tests/test_vit_fusion.py; section 'Recomputing fusions per XLA backend'). On its own, XLA's Eigen matmul "
+    "reaches torch's speed on the ViT-S/16 linear layers (about 120 GFLOP/s on the 2-core AVX2 machine), and so "
+    "does its GELU. jaxlib 0.10's default YNNPACK dot fusions did not: inside the step, the transposed-weight dots "
+    "of the backward ran at 55 GFLOP/s. dml_jax therefore compiles its steps without those fusions "
+    "(dml_jax/train/compile_options.py), which takes 16% off the ViT-S/16 step (both variants timed in one "
+    "process, round by round). The rest of the gap is scheduling on few cores. XLA runs its Eigen dots "
+    "asynchronously, beside the elementwise fusions, and on two cores each slows the other. In the per-op profile "
+    "a traced op's time therefore includes the dots that ran beside it, and the dots show only their dispatch. "
+    "Three XLA options did not lower the step time here: oneDNN dots, the concurrency scheduler off, and "
+    "single-threaded Eigen. On a GPU both sides call cuBLAS / cuDNN, so these CPU figures say nothing about "
+    "GPU speed (benchmarks/gpu_suite.py).")
+
 
 def markdown(stamp: dict, args, rows: list[dict], results: list[dict], failed: list[str]) -> list[str]:
   """The docs section: stamp, one row per (model, implementation), and the paired ratio said in words."""
@@ -712,6 +728,11 @@ def markdown(stamp: dict, args, rows: list[dict], results: list[dict], failed: l
     result = by_model[row["model"]]
     times = [r[row["impl"]]["s"] for r in result["rounds"]]
     ratio = ""
+    if row["impl"] == "ours_xla_defaults" and "ours" in result["impls"]:
+      lo, mid, hi = common.spread(r["ours_xla_defaults"]["s"] / r["ours"]["s"] for r in result["rounds"])
+      sentences.append(f"- {_TITLES[row['model']]}: compiled with jaxlib's default XLA options instead of dml_jax's "
+                       f"(YNNPACK fusions on), our step takes {mid:.2f}x the time (paired median, range "
+                       f"{lo:.2f}-{hi:.2f}).")
     if row["impl"] == "ours" and {"ours", "torch"} <= set(result["impls"]):
       ratios = [r["ours"]["s"] / r["torch"]["s"] for r in result["rounds"]]
       lo, mid, hi = common.spread(ratios)

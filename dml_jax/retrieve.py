@@ -140,6 +140,7 @@ def _weights_embedder(weights: str, image_size: int | None) -> Embedder:
   from flax import nnx
 
   from dml_jax import backbones
+  from dml_jax.train import compile_options
 
   folder = pathlib.Path(weights).expanduser()
   meta_path = folder / "model.json"
@@ -157,7 +158,7 @@ def _weights_embedder(weights: str, image_size: int | None) -> Embedder:
   pre = Preprocessing(size, int(size / cfg.crop_pct), cfg.interpolation, cfg)
   graph, state = nnx.split(model)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=compile_options.compiler_options(jax.default_backend()))
   def pooled(state, images):
     return _l2_normalize(nnx.merge(graph, state)(images))
 

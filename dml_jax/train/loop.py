@@ -44,8 +44,8 @@ from dml_jax.eval import saved as saved_lib
 from dml_jax.methods.base import HostBatch
 from dml_jax.preemption import PreemptionHandler
 from dml_jax.train import checkpoint as ckpt_lib
+from dml_jax.train import compile_options, distributed, logs, optim
 from dml_jax.train import config as config_lib
-from dml_jax.train import distributed, logs, optim
 from dml_jax.train import step as step_lib
 from dml_jax.workdir_lock import LOCK_NAME, WorkdirLock
 
@@ -148,7 +148,8 @@ class TrainedRun:
   meta: dict
 
   def __post_init__(self):
-    self._embed = jax.jit(self.method.embed_fn)
+    self._embed = jax.jit(self.method.embed_fn,
+                          compiler_options=compile_options.compiler_options(jax.default_backend()))
 
   def embed(self, images: Any) -> jax.Array:
     """float32 images [B, S, S, 3] (prepared as `method.pretrained_cfg` says) -> embeddings float32 [B, E]."""

@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from dml_jax import pytree as tree_lib
 from dml_jax.methods.base import Method, Phase, StepInfo
+from dml_jax.train import compile_options
 from dml_jax.train.optim import EpochGroups
 
 DATA_AXIS = "data"
@@ -150,9 +151,11 @@ class StepCache:
     self.param_keys = dict(param_keys)
     self.donate = donate
     self._steps: dict[tuple, Callable] = {}
+    self.compiler_options = compile_options.for_mesh(mesh)
     repl, data = replicated(mesh), batch_sharded(mesh)
     features = {None: method.embed_fn, **method.feature_fns()}
-    self._features = {name: jax.jit(fn, in_shardings=(repl, repl, data), out_shardings=data)
+    self._features = {name: jax.jit(fn, in_shardings=(repl, repl, data), out_shardings=data,
+                                    compiler_options=self.compiler_options)
                       for name, fn in features.items()}
 
   def update_fn(self, groups: EpochGroups, epoch: int) -> Callable:
@@ -163,7 +166,8 @@ class StepCache:
       repl, data = replicated(self.mesh), batch_sharded(self.mesh)
       fn = build_update_fn(self.method, groups, phases, self.param_keys, variant=variant)
       self._steps[key] = jax.jit(fn, in_shardings=(repl, data, repl, repl), out_shardings=(repl, repl),
-                                 donate_argnums=(0,) if self.donate else ())
+                                 donate_argnums=(0,) if self.donate else (),
+                                 compiler_options=self.compiler_options)
     return self._steps[key]
 
   def embed(self, params: Any, method_state: Any, images: jax.Array, feature: str | None = None) -> jax.Array:
