@@ -35,7 +35,9 @@ CI). Times are min / median / max over repeated runs, with compilation (JAX) and
 apart from the steady state.
 
 Figures taken on a shared machine (the stamp's load average well above its core count) are indicative only:
-compare rows of one section, which were measured side by side, not sections or runs. CPU figures say nothing
+compare rows of one section, which were measured side by side, not sections or runs. Sections can also come
+from different machines (the stamp's machine line names the CPU: the same 2-core class of machine has been an
+Intel Xeon on some days and an AMD EPYC on others, with step times 3 to 4x apart). CPU figures say nothing
 about GPU speed. Where ours is slower than the reference, the section says so in words.
 """
 

@@ -12,12 +12,13 @@ both discriminators' logits, 3 discriminator steps per iteration, epoch 0 for th
 0.45) after it), smaller discriminators (64 / 64-32) and a network rate of 1e-3 for training from scratch.
 Evaluation: Recall@K and MAP@R on the test digits, leave-one-out, before training and every 4 epochs.
 
-Measured with the command above (2026-12-02, shared 2-core CPU, 1-minute load average about 4): Recall@1 69.6
-before training -> 70.1 (epoch 3) -> 67.5 (7) -> 73.2 (11) -> 73.2 (epoch 15); MAP@R 18.7 -> 20.8 (21.8 at epoch
-11, the best Recall@1 checkpoint); 1 min 44 s for the whole command (compilation, 5 evaluations and 16 checkpoints
-included). The adversarial game on a random-init network is sensitive to float rounding: engine and backbone
-changes outside DADA's code (same values, other XLA fusions) moved epoch 7 from 75.4 to 67.5 and epoch 15 from
-79.2 to 73.2.
+Measured with the command above (2026-12-02, 2-core AMD EPYC CPU, with tests running beside it): Recall@1 69.6
+before training -> 74.3 (epoch 3) -> 75.1 (7) -> 70.9 (11) -> 73.3 (epoch 15); MAP@R 18.7 -> 19.5 (3) -> 18.9 (7,
+the best Recall@1 checkpoint) -> 16.5 (15); 4 min 11 s for the whole command (compilation, 5 evaluations and 16
+checkpoints included). The adversarial game on a random-init network is sensitive to float rounding: changes
+outside DADA's code that keep the values up to rounding (other XLA fusions, other CPU dot kernels) have moved
+epoch 7 between 67.5 and 75.4 and epoch 15 between 73.2 and 79.2; MAP@R, which weighs whole rankings, does not
+rise reliably on this demo.
 tests/test_dada_train.py runs its first 12 epochs.
 """
 

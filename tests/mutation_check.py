@@ -394,6 +394,11 @@ MUTANTS: tuple[Mutant, ...] = (
        equivalent="attention, LayerNorm and the MLP act per token and attention is permutation-equivariant, and "
        "prompts carry no position embedding, so every output token is the same wherever the prompts sit "
        "(up to float summation order, ~1e-7); the VPTSP torch reference puts them in front, VPT's after"),
+    _m("compile_options_not_passed", "train", "dml_jax/train/step.py",
+       "donate_argnums=(0,) if self.donate else (),\n" + " " * 33 + "compiler_options=self.compiler_options)",
+       "donate_argnums=(0,) if self.donate else ())",
+       "tests/test_compile_options.py::test_the_update_step_is_compiled_with_them",
+       "the update step jitted without dml_jax's CPU compile options (jaxlib's slower YNNPACK fusions come back)"),
 )
 
 
