@@ -200,14 +200,16 @@ def test_recipe_constants_from_spread_counts_match_the_torch_reference(ref):
 
 def test_authors_code_numbers(scenario_a):
   """The values the authors' own code computed on scenario A (see the module docstring): the re-creation
-  equals them bit for bit, dml_jax to the tolerances of `assert_steps_match`."""
+  equals them to float32 rounding (bit for bit on the Intel CPU that ran both; torch's CPU kernels round
+  differently on an AVX2-only AMD one, by ~1e-7 relative), dml_jax to the tolerances of `assert_steps_match`."""
   inputs, expected, ours = scenario_a
   golden = dict(np.load(GOLDEN))
   for key in ("x", "labels", "proxies"):
     np.testing.assert_array_equal(golden[key], inputs[key])
   for key in ("loss", "grad_x", "grad_proxies", "counts", "effective", "learned", "memory_labels",
               "memory_pointer"):
-    np.testing.assert_array_equal(expected[key], golden[key], err_msg=f"re-creation vs the authors' code: {key}")
+    np.testing.assert_allclose(expected[key], golden[key], rtol=1e-6, atol=1e-6,
+                               err_msg=f"re-creation vs the authors' code: {key}")
   assert_steps_match(ours, {**expected, **{k: golden[k] for k in golden if k in expected}}, exact_weights=False)
 
 
