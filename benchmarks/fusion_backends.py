@@ -75,30 +75,16 @@ def compile_step(depth: int, batch: int, devices, quick: bool):
   import numpy as np
 
   from benchmarks import train_step as ts
-  from dml_jax import methods
-  from dml_jax import pytree as tree_lib
-  from dml_jax.train import optim
   from dml_jax.train import step as step_lib
 
   ts.QUICK["enabled"] = quick
-  c = ts._ours_config("vit_s16", batch, "float32", depth=depth)
   with jax.default_device(jax.devices("cpu")[0]):  # the host builds the state; only shapes travel
-    method = methods.build(c, num_classes=ts.NUM_CLASSES)
-    params, method_state = method.init(jax.random.key(0))
-    plan = optim.ParamPlan(c.optim, list(tree_lib.flatten(params)), selectors=method.param_selectors(params))
-    phase = plan.groups(0)
-    state = step_lib.init_train_state(params, method_state, optim.init_group_states(phase, params),
-                                      jax.random.key(1))
-  mesh = step_lib.make_mesh(devices)
-  repl, data = step_lib.replicated(mesh), step_lib.batch_sharded(mesh)
+    ours = ts.build_ours("vit_s16", batch, "float32", depth=depth, devices=devices)
+  mesh = ours.cache.mesh
   abstract = lambda tree, sharding: jax.tree.map(  # noqa: E731
       lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=sharding), tree)
-  size = ts.image_size()
-  batch_spec = {"image": np.zeros((batch, size, size, 3), np.float32), "label": np.zeros((batch,), np.int32)}
-  cache = step_lib.StepCache(method, mesh, tree_lib.key_index(params))
-  lrs, epoch = step_lib.learning_rate_args(phase, 0)
-  lowered = cache.update_fn(phase, 0).lower(abstract(state, repl), abstract(batch_spec, data), lrs, epoch)
-  return lowered.compile()
+  return ours.lower(abstract(ours.state, step_lib.replicated(mesh)),
+                    abstract(ours.batch, step_lib.batch_sharded(mesh))).compile()
 
 
 def _child(args) -> None:

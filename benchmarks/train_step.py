@@ -160,12 +160,23 @@ def _ours_config(model: str, batch: int, dtype: str, depth: int | None = None):
   return c
 
 
-def make_ours(model: str, batch: int, dtype: str, depth: int | None = None, xla_defaults: bool = False) -> Impl:
-  """The trainer's update step, compiled ahead of time (the same executable `jax.jit` would run).
+@dataclasses.dataclass
+class OurStep:
+  """The trainer's update step for one model before compilation; state and batch still on the host."""
+  cache: Any  # dml_jax.train.step.StepCache: the jitted update, its mesh and compile options
+  phase: Any  # the epoch-0 parameter groups
+  params: Any
+  state: Any  # the train state (numpy / host arrays)
+  batch: dict  # {"image": float32 [B, S, S, 3], "label": int32 [B]}
+  lrs: Any
+  epoch: Any
 
-  xla_defaults: compile with jaxlib's default options instead of dml_jax's (dml_jax/train/compile_options.py),
-  to measure what those options change.
-  """
+  def lower(self, state, batch):
+    return self.cache.update_fn(self.phase, 0).lower(state, batch, self.lrs, self.epoch)
+
+
+def build_ours(model: str, batch: int, dtype: str, depth: int | None = None, devices=None) -> OurStep:
+  """The trainer's update step for `model` on a mesh of `devices` (default: all local ones), random init."""
   import jax
   import numpy as np
 
@@ -179,21 +190,38 @@ def make_ours(model: str, batch: int, dtype: str, depth: int | None = None, xla_
   params, method_state = method.init(jax.random.key(0))
   plan = optim.ParamPlan(c.optim, list(tree_lib.flatten(params)), selectors=method.param_selectors(params))
   phase = plan.groups(0)
-  mesh = step_lib.make_mesh()
+  mesh = step_lib.make_mesh(devices)
   if batch % mesh.size:
     raise SystemExit(f"--batch {batch} must be a multiple of the {mesh.size} devices")
-  cache = step_lib.StepCache(method, mesh, tree_lib.key_index(params))
-  if xla_defaults:
-    cache.compiler_options = None  # read when the step is jitted, below
   state = step_lib.init_train_state(params, method_state, optim.init_group_states(phase, params), jax.random.key(1))
-  state = jax.device_put(state, step_lib.replicated(mesh))
   rng = np.random.default_rng(0)
   labels = batch_labels(c, batch, NUM_CLASSES, rng)
   size = image_size()
-  data = step_lib.shard_batch({"image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
-                               "label": labels.astype(np.int32)}, mesh)
+  images = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
   lrs, epoch = step_lib.learning_rate_args(phase, 0)
-  lowered = cache.update_fn(phase, 0).lower(state, data, lrs, epoch)
+  return OurStep(step_lib.StepCache(method, mesh, tree_lib.key_index(params)), phase, params, state,
+                 {"image": images, "label": labels.astype(np.int32)}, lrs, epoch)
+
+
+def make_ours(model: str, batch: int, dtype: str, depth: int | None = None, xla_defaults: bool = False) -> Impl:
+  """The trainer's update step, compiled ahead of time (the same executable `jax.jit` would run).
+
+  xla_defaults: compile with jaxlib's default options instead of dml_jax's (dml_jax/train/compile_options.py),
+  to measure what those options change.
+  """
+  import jax
+
+  from dml_jax import pytree as tree_lib
+  from dml_jax.train import step as step_lib
+
+  ours = build_ours(model, batch, dtype, depth)
+  cache, phase, lrs, epoch = ours.cache, ours.phase, ours.lrs, ours.epoch
+  if xla_defaults:
+    cache.compiler_options = None  # read when the update step is jitted, in `lower`
+  mesh = cache.mesh
+  state = jax.device_put(ours.state, step_lib.replicated(mesh))
+  data = step_lib.shard_batch(ours.batch, mesh)
+  lowered = ours.lower(state, data)
   compiled = lowered.compile()
   current = [state]
 
@@ -201,7 +229,7 @@ def make_ours(model: str, batch: int, dtype: str, depth: int | None = None, xla_
     current[0], metrics = compiled(current[0], data, lrs, epoch)
     return float(metrics["loss"])  # waits for the step
 
-  flat = tree_lib.flatten(params)
+  flat = tree_lib.flatten(ours.params)
   dev = jax.devices()[0]
   options = f", XLA options {cache.compiler_options}" if cache.compiler_options else ""
   return Impl(step=step, device=f"{dev.platform} x{mesh.size} ({dev.device_kind}){options}",
@@ -704,18 +732,14 @@ _TITLES = {"vit_s16": "ViT-S/16, full fine-tuning (Proxy-Anchor)",
 _WHY_SLOWER_ON_CPU = (
     "Where the time goes. The FLOPs are the same: XLA's cost analysis counts what torch's flop counter counts "
     "(benchmarks/dfml_step.py, GFLOP column). The ViT backward has no recomputing fusions, on CPU or GPU "
-    "(tests/test_vit_fusion.py; section 'Recomputing fusions per XLA backend'). On its own, XLA's Eigen matmul "
-    "reaches torch's speed on the ViT-S/16 linear layers (about 120 GFLOP/s on the 2-core AVX2 machine), and so "
-    "does its GELU. jaxlib 0.10's default YNNPACK dot fusions did not: inside the step, the transposed-weight dots "
-    "of the backward ran at 55 GFLOP/s. dml_jax therefore compiles its steps without those fusions "
-    "(dml_jax/train/compile_options.py). Timed round by round against our step compiled with jaxlib's defaults, "
-    "that takes 14% off the ViT-S/16 step and 56% off ResNet-50's, whose YNNPACK convolutions were slower "
-    "still. The rest of the gap is scheduling on few cores. XLA runs its Eigen dots "
-    "asynchronously, beside the elementwise fusions, and on two cores each slows the other. In the per-op profile "
+    "(tests/test_vit_fusion.py; section 'Recomputing fusions per XLA backend'). jaxlib 0.10 hands dots and "
+    "convolutions to YNNPACK fusions by default, and in these steps they were slower than XLA's Eigen kernels. "
+    "dml_jax therefore compiles its steps without them (dml_jax/train/compile_options.py); the rows "
+    "`ours_xla_defaults` time the same step compiled with jaxlib's defaults, round by round. XLA runs its Eigen dots "
+    "asynchronously, beside the elementwise fusions, and on few cores each slows the other. In the per-op profile "
     "a traced op's time therefore includes the dots that ran beside it, and the dots show only their dispatch. "
-    "Three XLA options did not lower the step time here: oneDNN dots, the concurrency scheduler off, and "
-    "single-threaded Eigen. On a GPU both sides call cuBLAS / cuDNN, so these CPU figures say nothing about "
-    "GPU speed (benchmarks/gpu_suite.py).")
+    "On a GPU both sides call cuBLAS / cuDNN, so these CPU figures say nothing about GPU speed "
+    "(benchmarks/gpu_suite.py).")
 
 
 def markdown(stamp: dict, args, rows: list[dict], results: list[dict], failed: list[str]) -> list[str]:
