@@ -66,6 +66,9 @@ def _m(name, area, path, old, new, tests, why, equivalent=""):
 VIT = "dml_jax/backbones/vit.py"
 T_VIT = "tests/test_backbone_vit.py"
 T_VIT_TIMM = f"{T_VIT}::test_tiny_features_and_tokens_match_timm"
+T_VIT_GRADS = f"{T_VIT}::test_every_parameter_gradient_matches_timm"
+ATTENTION = "dml_jax/backbones/attention.py"
+T_ATTENTION = "tests/test_attention.py"
 BN = "dml_jax/backbones/batchnorm.py"
 T_RESNET = "tests/test_backbone_resnet.py"
 OPTIM = "dml_jax/train/optim.py"
@@ -92,9 +95,21 @@ MUTANTS: tuple[Mutant, ...] = (
        "                       - jnp.square(jnp.mean(xf, axis=-1, keepdims=True)) + eps)",
        f"{T_VIT}::test_layer_norm_keeps_its_digits_at_large_activations",
        "LayerNorm variance as E[x^2] - E[x]^2 (flax's fast variance): digits lost on large residual streams"),
-    _m("vit_gelu_tanh", "backbone", VIT, "return jax.nn.gelu(x, approximate=False)",
+    _m("vit_gelu_tanh", "backbone", VIT, "return x * (1 + jax.lax.erf(x * math.sqrt(0.5))) * 0.5",
        "return jax.nn.gelu(x, approximate=True)", T_VIT_TIMM,
        "jax.nn.gelu's default tanh approximation instead of timm's exact erf GELU"),
+    _m("vit_bias_gradient_skips_a_token", "backbone", VIT,
+       "jnp.dot(jnp.ones((rows.shape[0],), rows.dtype), rows,",
+       "jnp.dot(jnp.ones((rows.shape[0],), rows.dtype).at[0].set(0), rows,", T_VIT_GRADS,
+       "the Linear layers' bias gradient summing all tokens but the first"),
+    _m("attention_backward_without_delta", "backbone", ATTENTION,
+       "d_logits = (probs * (d_probs - delta)).astype(qh.dtype)", "d_logits = (probs * d_probs).astype(qh.dtype)",
+       [T_ATTENTION, T_VIT_GRADS],
+       "the softmax backward without its row-sum term (the gradient of exp instead of softmax)"),
+    _m("attention_dq_unscaled", "backbone", ATTENTION,
+       "dq = jnp.einsum(\"bhnm,bhmd->bhnd\", d_logits, kh) * jnp.asarray(qh.shape[-1] ** -0.5, qh.dtype)",
+       "dq = jnp.einsum(\"bhnm,bhmd->bhnd\", d_logits, kh)", [T_ATTENTION, T_VIT_GRADS],
+       "the query gradient missing the 1/sqrt(head_dim) that the forward put on q"),
     _m("vit_qkv_order", "backbone", VIT, "return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]",
        "return qkv[:, :, 1], qkv[:, :, 0], qkv[:, :, 2]", T_VIT_TIMM,
        "the fused qkv output read as [k; q; v]"),

@@ -317,3 +317,45 @@ def test_layer_norm_keeps_its_digits_at_large_activations():
   np.testing.assert_allclose(np.asarray(dx), want_dx, atol=2e-4 * np.abs(want_dx).max())
   np.testing.assert_allclose(np.asarray(ds), want_ds, atol=2e-4 * np.abs(want_ds).max())
   np.testing.assert_allclose(np.asarray(db), want_db, atol=1e-5 * np.abs(want_db).max())
+
+
+@pytest.mark.parametrize("distilled", [False, True])
+def test_every_parameter_gradient_matches_timm(ref, distilled):
+  """Full fine-tuning gradients: d(sum(pooled * probe)) for every parameter (through the converter, which is
+  linear, so timm's gradients convert as its weights do) and for the images."""
+  name = "deit_small_distilled_patch16_224" if distilled else "vit_small_patch16_224"
+  x = _images()
+  probe = np.random.RandomState(1).randn(2, TINY["embed_dim"]).astype(np.float32)
+
+  def compute():
+    import torch
+
+    tm = _timm_tiny(distilled)
+    images = live.nchw(x).requires_grad_(True)
+    pooled = tm.forward_head(tm.forward_features(images), pre_logits=True)
+    (pooled * torch.from_numpy(probe)).sum().backward()
+    grads = {k: p.grad.numpy().copy() for k, p in tm.named_parameters() if not k.startswith("head")}
+    return {**{f"grad/{k}": v for k, v in grads.items()},
+            "grad_images": images.grad.numpy().transpose(0, 2, 3, 1).copy()}
+
+  expected = ref(f"vit/tiny_{_kind(distilled)}_gradients", compute)
+  timm_grads = {k[len("grad/"):]: v for k, v in expected.items() if k.startswith("grad/")}
+  # Shapes of the head-less model: the converter needs a complete state dict, zeros where timm has none.
+  sd = {k: np.zeros_like(v) for k, v in _tiny_sd(distilled).items() if not k.startswith("head")}
+  sd.update(timm_grads)
+  expected_flat = _flat_from(sd, {**get_entry(name).arch, **TINY})
+
+  model = _flax_from(_tiny_sd(distilled), name, TINY)
+  graphdef, params = nnx.split(model)
+
+  def loss(params, images):
+    return jnp.sum(nnx.merge(graphdef, params)(images) * probe)
+
+  grads, grad_images = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, jnp.asarray(x))
+  ours = {"/".join(str(p) for p in path): np.asarray(v) for path, v in nnx.to_flat_state(grads)}
+  assert sorted(ours) == sorted(expected_flat)
+  for key, g in ours.items():
+    scale = float(np.abs(expected_flat[key]).max()) or 1.0
+    np.testing.assert_allclose(g, expected_flat[key], rtol=0, atol=1e-5 * scale, err_msg=key)
+  np.testing.assert_allclose(grad_images, expected["grad_images"], rtol=0,
+                             atol=1e-5 * float(np.abs(expected["grad_images"]).max()))
