@@ -185,9 +185,10 @@ def test_training_and_resume_agree_with_one_process(runs):
     metrics = [k for k in b if re.fullmatch(r"recall@\d+|map@r", k)]
     assert len(metrics) == 5 and a.keys() == b.keys()
     # The embeddings agree to float rounding, which the two layouts (batch split over 2 processes or not)
-    # produce differently; a near-tie between two neighbours can then flip one of the 896 test queries
-    # (seen: recall@1 53.91 against 54.02 % with XLA's Eigen dots), so the bound is one query.
-    np.testing.assert_allclose([a[k] for k in metrics], [b[k] for k in metrics], rtol=0, atol=1.2e-3,
+    # produce differently; a near-tie between two neighbours can then flip a few of the 896 test queries
+    # (seen: one at recall@1, 53.91 against 54.02 %; two at recall@2, 68.86 against 68.64 %), so the bound is
+    # three queries. A wrong split of the batch or of the gradients moves them by far more (and the losses).
+    np.testing.assert_allclose([a[k] for k in metrics], [b[k] for k in metrics], rtol=0, atol=3.4e-3,
                                err_msg=str(metrics))
   # The second start resumed (it did not train epoch 0 again) and evaluated once more.
   p0 = (root / "two_epoch1_p0.log").read_text()

@@ -118,8 +118,8 @@ class Linear(nnx.Linear):
 def _linear(in_features: int, out_features: int, *, use_bias: bool = True, dtype, param_dtype,
             rngs: nnx.Rngs) -> Linear:
   return Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=nnx.initializers.truncated_normal(_INIT_STD), bias_init=nnx.initializers.zeros,
-                    rngs=rngs)
+                kernel_init=nnx.initializers.truncated_normal(_INIT_STD), bias_init=nnx.initializers.zeros,
+                rngs=rngs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

@@ -1,12 +1,12 @@
 """XLA compile options for the jitted model steps (update and embedding), by backend.
 
 CPU: jaxlib 0.10 hands dots and convolutions to YNNPACK fusions by default. In our training steps on a 2-core
-AVX2 CPU they were slower than XLA's Eigen kernels: at batch 16 the ViT-S/16 step took 9.3 s with them and
-7.9 s without, ResNet-50's 23.2 s and 10.2 s (docs/benchmarks.md, "Training step", the rows
-`ours_xla_defaults`). `xla_cpu_experimental_ynn_fusion_type=''` turns those
-fusions off for our steps only. Both paths are float32 dots, so the results agree up to rounding (the
-parity tests run with the option). Options go to `jax.jit(..., compiler_options=...)`, so nothing else in
-the process (the user's own jitted code, XLA_FLAGS) is touched.
+AVX2 CPU they were slower than XLA's Eigen kernels for ResNet-50 (22.0 s against 10.3 s per step at batch 16)
+and about even for the ViT steps (docs/benchmarks.md, "Training step", the rows `ours_xla_defaults`).
+`xla_cpu_experimental_ynn_fusion_type=''` turns those fusions off for our steps only. Both paths are float32
+dots, so the results agree up to rounding (the parity tests run with the option). Options go to
+`jax.jit(..., compiler_options=...)`, so nothing else in the process (the user's own jitted code, XLA_FLAGS)
+is touched.
 
 An option a future jaxlib no longer knows is dropped with one warning, not an error: `compiler_options`
 tries the options once per process on a trivial function first.
