@@ -728,7 +728,7 @@ _TITLES = {"vit_s16": "ViT-S/16, full fine-tuning (Proxy-Anchor)",
            "vit_s16_vptsp": "ViT-S/16, VPTSP-G prompt tuning (Cars196 ViT-S recipe)"}
 
 
-# Said under the figures whenever ours is slower on a CPU; the profiles (--trace) are the evidence.
+# Said under the figures of every CPU run; the profiles (--trace) are the evidence.
 _ON_CPU = (
     "What shapes the CPU figures. The FLOPs are the same: XLA's cost analysis counts what torch's flop counter "
     "counts (benchmarks/dfml_step.py, GFLOP column), and on their own XLA's Eigen matmuls run as fast as torch's. "

@@ -107,7 +107,7 @@ MUTANTS: tuple[Mutant, ...] = (
        [T_ATTENTION, T_VIT_GRADS],
        "the softmax backward without its row-sum term (the gradient of exp instead of softmax)"),
     _m("attention_dq_unscaled", "backbone", ATTENTION,
-       "dq = jnp.einsum(\"bhnm,bhmd->bhnd\", d_logits, kh) * jnp.asarray(qh.shape[-1] ** -0.5, qh.dtype)",
+       "dq = jnp.einsum(\"bhnm,bhmd->bhnd\", d_logits, kh) * _scale(qh)",
        "dq = jnp.einsum(\"bhnm,bhmd->bhnd\", d_logits, kh)", [T_ATTENTION, T_VIT_GRADS],
        "the query gradient missing the 1/sqrt(head_dim) that the forward put on q"),
     _m("vit_qkv_order", "backbone", VIT, "return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]",

@@ -28,11 +28,16 @@ def _heads_first(t: jax.Array) -> jax.Array:
   return jnp.swapaxes(t, 1, 2)
 
 
+def _scale(t: jax.Array) -> jax.Array:
+  """1/sqrt(head_dim) in t's dtype (t [..., head_dim])."""
+  return jnp.asarray(t.shape[-1] ** -0.5, t.dtype)
+
+
 def _forward(q: jax.Array, k: jax.Array, v: jax.Array):
   # The scale goes on q ([N, hd]) rather than on the logits ([N, N]), as timm's unfused attention does: XLA
   # would otherwise write the scaled logits as an array of their own, since both the row maximum and the
   # exponentials read them. For head_dim 64 the scale is a power of two and both orders give the same bits.
-  qh = _heads_first(q) * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+  qh = _heads_first(q) * _scale(q)
   kh, vh = _heads_first(k), _heads_first(v)
   probs = jax.nn.softmax(jnp.einsum("bhnd,bhmd->bhnm", qh, kh, preferred_element_type=_F32), axis=-1)
   out = jnp.einsum("bhnm,bhmd->bhnd", probs.astype(v.dtype), vh)
@@ -46,7 +51,7 @@ def _backward(residuals, d_out: jax.Array):
   d_probs = jnp.einsum("bhnd,bhmd->bhnm", d_out, vh, preferred_element_type=_F32)
   delta = jnp.sum(d_out.astype(_F32) * out.astype(_F32), axis=-1, keepdims=True)  # = rowsum(probs * d_probs)
   d_logits = (probs * (d_probs - delta)).astype(qh.dtype)
-  dq = jnp.einsum("bhnm,bhmd->bhnd", d_logits, kh) * jnp.asarray(qh.shape[-1] ** -0.5, qh.dtype)
+  dq = jnp.einsum("bhnm,bhmd->bhnd", d_logits, kh) * _scale(qh)
   dk = jnp.einsum("bhnm,bhnd->bhmd", d_logits, qh)
   return _heads_first(dq), _heads_first(dk), _heads_first(dv)
 
